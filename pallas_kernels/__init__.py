@@ -1,0 +1,98 @@
+"""Lightning attention (MiniMax-01 linear attention with per-head exponential decay).
+
+Public API:
+
+- ``lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, impl="auto")``
+- ``lightning_decode(q, k, v, slopes, state)``
+
+Implementations: "reference" (token recurrence), "chunked" (block form in plain JAX), "pallas"
+(GPU kernel; calls it does not support fall back to "chunked") and "auto" ("pallas" where a kernel
+supports the call, else "chunked").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunked import lightning_attention_chunked
+from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
+
+__all__ = ["lightning_attention", "lightning_decode", "IMPLS"]
+
+IMPLS = ("auto", "pallas", "chunked", "reference")
+
+
+def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...]) -> None:
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(expected)}")
+
+
+def _check_float(name: str, x: jax.Array) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _validate(q, k, v, slopes, state, state_name: str, token_ndim: int) -> None:
+  if q.ndim != token_ndim:
+    raise ValueError(f"q must have {token_ndim} dimensions, got shape {tuple(q.shape)}")
+  _check_shape("k", k, q.shape)
+  _check_shape("v", v, q.shape)
+  for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
+    _check_float(name, x)
+  h, d = q.shape[-2:]
+  _check_shape("slopes", slopes, (h,))
+  if state is not None:
+    _check_shape(state_name, state, (q.shape[0], h, d, d))
+    _check_float(state_name, state)
+
+
+def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *,
+                        initial_state: jax.Array | None = None,
+                        segment_ids: jax.Array | None = None, impl: str = "auto",
+                        block_size: int = 64) -> tuple[jax.Array, jax.Array]:
+  """Causal decayed linear attention: S_t = exp(-slope) S_{t-1} + k_t^T v_t, o_t = q_t S_t.
+
+  Args:
+    q, k, v: ``[B, T, H, D]`` (already activated), any float dtype, same shape.
+    slopes: float ``[H]``; the per-token decay of head h is ``exp(-slopes[h])``.
+    initial_state: float32 ``[B, H, D, D]`` (rows key dim, columns value dim), the state before
+      position 0; None means zeros.
+    segment_ids: int ``[B, T]`` or None; the state is reset to zero before position t whenever
+      ``segment_ids[:, t] != segment_ids[:, t - 1]``.
+    impl: one of ``IMPLS``.
+    block_size: block length of the "chunked" form.
+
+  Returns:
+    o ``[B, T, H, D]`` in q's dtype, final_state float32 ``[B, H, D, D]`` (float64 for float64
+    inputs with impl="reference" or "chunked").
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+  _validate(q, k, v, slopes, initial_state, "initial_state", 4)
+  b, t, h, d = q.shape
+  if segment_ids is not None:
+    _check_shape("segment_ids", segment_ids, (b, t))
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
+  if initial_state is None:
+    initial_state = jnp.zeros((b, h, d, d), jnp.float32)
+  if impl == "reference":
+    return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
+  return lightning_attention_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
+
+
+def lightning_decode(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array,
+                     state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One decode token for B sequences.
+
+  Args:
+    q, k, v: ``[B, H, D]``, any float dtype.
+    slopes: float ``[H]``.
+    state: float32 ``[B, H, D, D]``, the state after the previous token.
+
+  Returns:
+    o ``[B, H, D]`` in q's dtype and the new state float32 ``[B, H, D, D]``.
+  """
+  _validate(q, k, v, slopes, state, "state", 3)
+  return lightning_decode_reference(q, k, v, slopes, state)
