@@ -1,0 +1,76 @@
+"""The softmax GQA attention block of MiniMax-01 (spec §4)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.config import MiniMaxConfig
+from minimax_jax.params import param
+from minimax_jax.rope import apply_rope
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax attention with grouped KV heads.
+
+    q `[B, T, H, K]`, k and v `[B, S, N, K]` (H a multiple of N; query head h uses kv head
+    h // (H / N)), visible bool `[B, T, S]`. Scores scaled by 1/sqrt(K), softmax in float32,
+    weights cast back to q's dtype. Returns `[B, T, H, K]` in q's dtype; a row with nothing
+    visible gives finite (meaningless) output.
+    """
+    b, t, h, kd = q.shape
+    n = k.shape[2]
+    qg = q.reshape(b, t, n, h // n, kd)
+    scores = jnp.einsum("btngk,bsnk->bngts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (kd ** -0.5)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bngts,bsnk->btngk", weights, v)
+    return out.reshape(b, t, h, kd)
+
+
+class SoftmaxAttention(nnx.Module):
+    """q/k/v projections, RoPE on the first `rotary_dim` dims of q and k, GQA, o_proj."""
+
+    def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
+        d, h, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.theta, self.rotary_dim = cfg.rope_theta, cfg.rotary_dim
+        self.q_proj = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), pd, stddev=std)
+        self.k_proj = param(rngs, (d, n, k), ("embed", "kv_heads", "head_dim"), pd, stddev=std)
+        self.v_proj = param(rngs, (d, n, k), ("embed", "kv_heads", "head_dim"), pd, stddev=std)
+        self.o_proj = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd, stddev=std)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        visible: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x `[B, T, D]`, positions int32 `[B, T]` (for RoPE).
+
+        Without a cache, `visible` is bool `[B, T, T]` over this chunk's own keys. With
+        kv_cache = (key `[B, S, N, K]`, value `[B, S, N, K]`, start int32 scalar), this chunk's
+        keys are written at slots start..start+T-1 and `visible` is `[B, T, S]` over all slots.
+        Returns (out `[B, T, D]`, updated (key, value) or None).
+        """
+        x = x.astype(self.dtype)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
+        k = jnp.einsum("btd,dnk->btnk", x, self.k_proj[...].astype(self.dtype))
+        v = jnp.einsum("btd,dnk->btnk", x, self.v_proj[...].astype(self.dtype))
+        q = apply_rope(q, positions, theta=self.theta, rotary_dim=self.rotary_dim)
+        k = apply_rope(k, positions, theta=self.theta, rotary_dim=self.rotary_dim)
+        new_cache = None
+        if kv_cache is not None:
+            key, value, start = kv_cache
+            key = jax.lax.dynamic_update_slice_in_dim(key, k.astype(key.dtype), start, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(value, v.astype(value.dtype), start, axis=1)
+            new_cache = (key, value)
+            k, v = key.astype(self.dtype), value.astype(self.dtype)
+        o = grouped_attention(q, k, v, visible)
+        out = jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+        return out, new_cache

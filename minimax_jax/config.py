@@ -1,0 +1,309 @@
+"""Model configuration: one frozen dataclass, read from our YAML files or from an HF `config.json`.
+
+Everything derived from the configuration (the layer-type pattern, the repeating block that is
+scanned, the lightning decay slopes, the per-sublayer alpha/beta) is computed here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import yaml
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+LAYER_TYPES = (LINEAR, FULL)
+DTYPES = ("float32", "bfloat16", "float16")
+LIGHTNING_IMPLS = ("auto", "pallas", "chunked", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniMaxConfig:
+    """Architecture of a MiniMax-01 text model (spec §2), plus how to compute it.
+
+    `layer_types[l]` is "linear_attention" (lightning) or "full_attention" (softmax GQA) for
+    absolute layer l. `rotary_dim` is the number of leading head dims rotated by RoPE.
+    `dtype` is the activation (compute) dtype, `param_dtype` the dtype parameters are stored in.
+    """
+
+    vocab_size: int = 200064
+    hidden_size: int = 6144
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 9216
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 2
+    rms_norm_eps: float = 1e-5
+    lightning_norm_eps: float = 1e-6
+    rope_theta: float = 10_000_000.0
+    rotary_dim: int = 64
+    max_position_embeddings: int = 10_240_000
+    layer_types: tuple[str, ...] = tuple(
+        FULL if (i + 1) % 8 == 0 else LINEAR for i in range(80)
+    )
+    block_size: int = 256
+    linear_attn_alpha_factor: float = 3.5565588200778455
+    linear_attn_beta_factor: float = 1.0
+    full_attn_alpha_factor: float = 3.5565588200778455
+    full_attn_beta_factor: float = 1.0
+    mlp_alpha_factor: float = 3.5565588200778455
+    mlp_beta_factor: float = 1.0
+    router_aux_loss_coef: float = 0.001
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    lightning_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ConfigError(f"unknown layer_types {bad}; valid: {list(LAYER_TYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(
+                f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}"
+            )
+        if not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_local_experts={self.num_local_experts}]"
+            )
+        for key, valid in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                           ("lightning_impl", LIGHTNING_IMPLS)):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
+
+    # ----- derived quantities -------------------------------------------------------------
+    @property
+    def block_pattern(self) -> tuple[str, ...]:
+        """The shortest prefix of `layer_types` whose repetition gives the whole stack."""
+        n = self.num_hidden_layers
+        for p in range(1, n + 1):
+            if n % p == 0 and all(
+                self.layer_types[i] == self.layer_types[i % p] for i in range(n)
+            ):
+                return self.layer_types[:p]
+        raise AssertionError("unreachable: p = n always matches")
+
+    @property
+    def num_blocks(self) -> int:
+        """How many times `block_pattern` repeats (the length of the layer scan)."""
+        return self.num_hidden_layers // len(self.block_pattern)
+
+    def slopes(self) -> np.ndarray:
+        """Lightning decay slopes, float32 `[num_hidden_layers, num_attention_heads]` (spec §3.3).
+
+        s(h, l) = 2^(-8 (h+1) / H) * (1 - l / (L - 1) + 1e-5), l the absolute layer index.
+        Rows of softmax layers are computed too (never used).
+        """
+        h = np.arange(self.num_attention_heads, dtype=np.float64)
+        base = 2.0 ** (-8.0 * (h + 1) / self.num_attention_heads)
+        layers = np.arange(self.num_hidden_layers, dtype=np.float64)
+        denom = max(self.num_hidden_layers - 1, 1)
+        factor = 1.0 - layers / denom + 1e-5
+        return (factor[:, None] * base[None, :]).astype(np.float32)
+
+    def residual_factors(self, layer_type: str) -> tuple[float, float]:
+        """(alpha, beta) of the attention sublayer of a layer of this type (spec §5)."""
+        if layer_type == LINEAR:
+            return self.linear_attn_alpha_factor, self.linear_attn_beta_factor
+        return self.full_attn_alpha_factor, self.full_attn_beta_factor
+
+    # ----- construction ---------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MiniMaxConfig":
+        """Build from a mapping of field names; unknown keys are an error listing the valid ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {unknown}; valid keys: {sorted(cls.field_names())}"
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "MiniMaxConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "MiniMaxConfig":
+        """Read the `model:` section of a YAML file, then apply `key=value` overrides.
+
+        `layer_types` may also be given as {"pattern": [...], "repeat": n}.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
+        values = dict(raw["model"])
+        values.update(parse_overrides(overrides, cls.field_names()))
+        lt = values.get("layer_types")
+        if isinstance(lt, dict):
+            if set(lt) != {"pattern", "repeat"}:
+                raise ConfigError(f"{path}: layer_types as a mapping needs exactly 'pattern' and 'repeat'")
+            values["layer_types"] = list(lt["pattern"]) * int(lt["repeat"])
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any] | str | Path, **extra: Any) -> "MiniMaxConfig":
+        """Read an HF `config.json` (dict or path) of either layout (spec §2.1).
+
+        Remote layout: `attn_type_list` (0 lightning, 1 softmax), `layernorm_*_alpha|beta`,
+        `rotary_dim`, `rope_theta`. Native layout: `layer_types`, `*_alpha_factor|_beta_factor`,
+        `rope_parameters` (with `rope_theta`, optional `partial_rotary_factor`). A VL config's
+        `text_config` is used when present. `extra` sets our own fields (dtype, ...).
+        """
+        if not isinstance(hf, Mapping):
+            p = Path(hf)
+            if p.is_dir():
+                p = p / "config.json"
+            if not p.is_file():
+                raise ConfigError(f"missing config: {p} does not exist")
+            hf = json.loads(p.read_text())
+        if "text_config" in hf:
+            hf = hf["text_config"]
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ConfigError(f"HF config lacks required key {key!r}")
+        n_layers = int(hf["num_hidden_layers"])
+        n_heads = int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        if "layer_types" in hf:
+            layer_types = list(hf["layer_types"])
+        elif "attn_type_list" in hf:
+            layer_types = [FULL if int(t) == 1 else LINEAR for t in hf["attn_type_list"]]
+        else:
+            raise ConfigError("HF config has neither 'layer_types' nor 'attn_type_list'")
+        rope = hf.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        if hf.get("rotary_dim"):
+            rotary_dim = int(hf["rotary_dim"])
+        else:
+            factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+            rotary_dim = int(factor * head_dim) if factor else head_dim
+
+        def alpha_beta(native: str, remote: str) -> float:
+            return float(hf.get(native, hf.get(remote, 1.0)))
+
+        values = dict(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads", n_heads)),
+            head_dim=int(head_dim),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_local_experts=int(hf.get("num_local_experts", hf.get("num_experts", 1))),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok", 1)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(theta),
+            rotary_dim=rotary_dim,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 10_240_000)),
+            layer_types=layer_types,
+            block_size=int(hf.get("block_size", 256)),
+            linear_attn_alpha_factor=alpha_beta("linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
+            linear_attn_beta_factor=alpha_beta("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
+            full_attn_alpha_factor=alpha_beta("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
+            full_attn_beta_factor=alpha_beta("full_attn_beta_factor", "layernorm_full_attention_beta"),
+            mlp_alpha_factor=alpha_beta("mlp_alpha_factor", "layernorm_mlp_alpha"),
+            mlp_beta_factor=alpha_beta("mlp_beta_factor", "layernorm_mlp_beta"),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+        )
+        if hf.get("tie_word_embeddings"):
+            raise ConfigError("tie_word_embeddings=true is not a MiniMax-01 layout (lm_head is untied)")
+        values.update(extra)
+        return cls.from_dict(values)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """An HF `config.json` for this model: native field names plus the remote ones.
+
+        Carries `rotary_dim` (honoured by the remote code and by this project) alongside
+        `layer_types` / `attn_type_list` so that either loader reads it.
+        """
+        return {
+            "architectures": ["MiniMaxForCausalLM"],
+            "model_type": "minimax",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rotary_dim": self.rotary_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "layer_types": list(self.layer_types),
+            "attn_type_list": [int(t == FULL) for t in self.layer_types],
+            "block_size": self.block_size,
+            "linear_attn_alpha_factor": self.linear_attn_alpha_factor,
+            "linear_attn_beta_factor": self.linear_attn_beta_factor,
+            "full_attn_alpha_factor": self.full_attn_alpha_factor,
+            "full_attn_beta_factor": self.full_attn_beta_factor,
+            "mlp_alpha_factor": self.mlp_alpha_factor,
+            "mlp_beta_factor": self.mlp_beta_factor,
+            "layernorm_linear_attention_alpha": self.linear_attn_alpha_factor,
+            "layernorm_linear_attention_beta": self.linear_attn_beta_factor,
+            "layernorm_full_attention_alpha": self.full_attn_alpha_factor,
+            "layernorm_full_attention_beta": self.full_attn_beta_factor,
+            "layernorm_mlp_alpha": self.mlp_alpha_factor,
+            "layernorm_mlp_beta": self.mlp_beta_factor,
+            "postnorm": True,
+            "shared_intermediate_size": 0,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "initializer_range": self.initializer_range,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+def parse_overrides(overrides: Iterable[str], valid: Iterable[str]) -> dict[str, Any]:
+    """Parse `key=value` strings (values as YAML scalars); an unknown key lists the valid ones."""
+    valid = sorted(valid)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
+        out[key] = yaml.safe_load(value)
+    return out
+
