@@ -1,0 +1,166 @@
+"""Convert MiniMax-01 weights between HF safetensors and our Orbax checkpoints, streaming.
+
+    python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16]
+    python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2]
+
+Both directions go through the one table of `hf_names` and hold one tensor at a time: peak
+host memory is the interpreter and libraries plus at most 4x the largest single tensor (as
+read, transposed, cast to the target dtype, and tensorstore's encode buffer), whatever the
+number of layers, experts or shards. Outputs are built in a temporary sibling directory and
+renamed into place at the end, so an interrupted conversion leaves nothing that loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minimax_jax.checkpoint import (
+    INDEX_FILE, MARKER, STATE_DIR, CheckpointError, HFPlan, OrbaxReader, OrbaxWriter,
+    atomic_directory, copy_aux_files, param_shapes, parse_dtype, report, write_safetensors,
+)
+from minimax_jax.config import ConfigError, MiniMaxConfig
+from minimax_jax.hf_names import REMOTE, Entry, expected_entries
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None,
+                progress: bool = True) -> Path:
+    """Convert an HF directory (either layout, sharded or not) to our Orbax checkpoint at `out`.
+
+    dtype: "float32" | "bfloat16" | "float16", or None to keep each tensor's dtype. Copies the
+    tokenizer files; writes `config.json` from the parsed config. Returns `out`.
+    """
+    hf_dir, target = Path(hf_dir), parse_dtype(dtype)
+    cfg = MiniMaxConfig.from_hf_config(hf_dir)
+    plan = HFPlan(hf_dir, cfg, target)
+    n_index = {e.path: len(e.index) for es in plan.entries.values() for e in es}
+    _log(f"converting {len(plan.entries)} tensors ({plan.layout} layout, "
+         f"{len(set(plan.reader.file.values()))} file(s)) from {hf_dir} to {out}")
+    with atomic_directory(Path(out)) as tmp:
+        writer = OrbaxWriter(tmp / STATE_DIR, plan.shapes, plan.dtypes, n_index)
+        for entry, block in plan.blocks(progress):
+            writer.write(entry.path, entry.index, block)
+        writer.finish()
+        stored = cfg.replace(param_dtype=plan.dtypes[("embed_tokens",)].name)
+        (tmp / "config.json").write_text(json.dumps(stored.to_hf_config(), indent=2))
+        copied = copy_aux_files(hf_dir, tmp)
+        (tmp / MARKER).write_text(json.dumps(
+            {"source": str(hf_dir.absolute()), "layout": plan.layout, "tensors": len(plan.entries),
+             "copied": copied}, indent=2))
+    _log(f"wrote {out}")
+    return Path(out)
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """Sort key putting model.layers.2 before model.layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
+                max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+    """Export our Orbax checkpoint `ckpt` to an HF directory at `out` in the remote layout.
+
+    Shards `model-XXXXX-of-YYYYY.safetensors` of at most `max_shard_bytes` (a larger tensor
+    gets a shard of its own) plus `model.safetensors.index.json`, `config.json` (written last)
+    and the tokenizer files. dtype as in `hf_to_orbax`. Returns `out`.
+    """
+    ckpt, target = Path(ckpt), parse_dtype(dtype)
+    if not (ckpt / MARKER).is_file():
+        raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {MARKER})")
+    cfg = MiniMaxConfig.from_hf_config(ckpt)
+    reader = OrbaxReader(ckpt / STATE_DIR)
+    shapes = param_shapes(cfg)
+    entries: list[Entry] = [es[0] for _, es in sorted(expected_entries(cfg, REMOTE).items(),
+                                                        key=lambda kv: _natural_key(kv[0]))]
+    problems = []
+    for path, shape in shapes.items():
+        try:
+            stored = tuple(reader.store(path).shape)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if stored != shape:
+            problems.append(f"shape mismatch for {'.'.join(map(str, path))}: checkpoint has "
+                            f"{list(stored)}, config expects {list(shape)}")
+    if problems:
+        raise report(ckpt, problems)
+
+    specs = []
+    for e in entries:
+        dt = target if target is not None else np.dtype(reader.store(e.path).dtype.numpy_dtype)
+        specs.append((e.hf_name, e.rule.hf_shape(cfg), dt))
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dt) in enumerate(specs):
+        nbytes = math.prod(shape) * dt.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    _log(f"exporting {len(specs)} tensors from {ckpt} to {out} in {len(shards)} shard(s)")
+    bar = tqdm(total=len(specs), desc=ckpt.name, unit="tensor", disable=not progress)
+
+    def tensors(ids: list[int]):
+        for i in ids:
+            e = entries[i]
+            yield e.rule.to_hf(reader.read(e.path, e.index), cfg).astype(specs[i][2], copy=False)
+            bar.update()
+
+    weight_map = {}
+    with atomic_directory(Path(out)) as tmp:
+        for n, ids in enumerate(shards):
+            file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(tmp / file, [specs[i] for i in ids], tensors(ids))
+            weight_map.update({specs[i][0]: file for i in ids})
+        total = sum(math.prod(s) * dt.itemsize for _, s, dt in specs)
+        (tmp / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        copy_aux_files(ckpt, tmp)
+        param_dtype = specs[0][2].name if target is None else dtype
+        (tmp / "config.json").write_text(json.dumps(cfg.replace(param_dtype=param_dtype).to_hf_config(), indent=2))
+    bar.close()
+    _log(f"wrote {out}")
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; user errors print one line `error: ...` and return 1."""
+    parser = argparse.ArgumentParser(prog="python -m minimax_jax.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--hf-dir", help="HF directory to convert (config.json + *.safetensors)")
+    parser.add_argument("--to-hf", action="store_true", help="export --ckpt to an HF directory instead")
+    parser.add_argument("--ckpt", help="our Orbax checkpoint directory to export (with --to-hf)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
+    parser.add_argument("--max-shard-gib", type=float, default=2.0, help="HF shard size bound (with --to-hf)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.to_hf:
+            if not args.ckpt:
+                raise CheckpointError("--to-hf needs --ckpt CKPT")
+            orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
+                        max_shard_bytes=int(args.max_shard_gib * (1 << 30)))
+        else:
+            if not args.hf_dir:
+                raise CheckpointError("give --hf-dir HF (or --to-hf --ckpt CKPT)")
+            hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.no_progress)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
