@@ -1,0 +1,104 @@
+"""Sampling and the jitted prefill + decode loop (the oracle the server is tested against)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.cache import init_cache
+from minimax_jax.model import MiniMaxForCausalLM
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float,
+                  top_k: int) -> jax.Array:
+    """Pick one token per row from float32 logits `[B, V]` -> int32 `[B]`.
+
+    temperature 0 is greedy (argmax). Otherwise logits / temperature, keep the top_k largest
+    (top_k 0: all), keep the smallest set whose probability reaches top_p, then sample.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token while the mass before it is below top_p (the top token always stays)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k")
+)
+def _generate(graphdef, state, input_ids, attention_mask, key, eos_token_id, *, max_new_tokens,
+              temperature, top_p, top_k):
+    model = nnx.merge(graphdef, state)
+    b, t = input_ids.shape
+    cache = init_cache(model.config, b, t + max_new_tokens)
+    logits, cache, _ = model.forward(input_ids, attention_mask=attention_mask, cache=cache)
+    sample = functools.partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k)
+
+    def step(carry, step_key):
+        logits, cache, done = carry
+        token = sample(logits, step_key)
+        token = jnp.where(done, eos_token_id, token)
+        done = done | (token == eos_token_id)
+        next_logits, cache, _ = model.forward(token[:, None], cache=cache)
+        return (next_logits[:, -1], cache, done), token
+
+    done = jnp.zeros((b,), jnp.bool_)
+    keys = jax.random.split(key, max_new_tokens)
+    _, tokens = jax.lax.scan(step, (logits[:, -1], cache, done), keys)
+    return tokens.T
+
+
+def generate(
+    model: MiniMaxForCausalLM,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Generate `max_new_tokens` tokens after `input_ids` int32 `[B, T]` -> int32 `[B, max_new_tokens]`.
+
+    Batches are left-padded: attention_mask `[B, T]` (1 = real token) marks padding on the left.
+    After a row emits `eos_token_id`, the rest of that row is filled with `eos_token_id`.
+    One jitted program: a prefill of the prompt, then a scanned single-token decode loop.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
+        )
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+        )
+    graphdef, state = nnx.split(model)
+    eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
+    return _generate(
+        graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32), jax.random.key(seed),
+        eos, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+        top_k=int(top_k),
+    )

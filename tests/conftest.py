@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny configs and fresh random seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minimax_jax import MiniMaxConfig
+
+LIN, FULL = "linear_attention", "full_attention"
+
+
+def tiny_config(**overrides) -> MiniMaxConfig:
+    """A two-block tiny model (pattern lin, lin, lin, full) with distinct alpha/beta per sublayer."""
+    values = dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=96, num_local_experts=4,
+        num_experts_per_tok=2, rope_theta=1e4, rotary_dim=8, block_size=16,
+        layer_types=[LIN, LIN, LIN, FULL] * 2,
+        linear_attn_alpha_factor=1.3, linear_attn_beta_factor=1.1,
+        full_attn_alpha_factor=1.7, full_attn_beta_factor=0.9,
+        mlp_alpha_factor=1.5, mlp_beta_factor=0.8,
+        dtype="float32", param_dtype="float32", initializer_range=0.1,
+    )
+    values.update(overrides)
+    return MiniMaxConfig(**values)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh generator per test; its seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % (2**31))
+    print(f"numpy seed: {seed}")
+    return np.random.default_rng(seed)
