@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import struct
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from minimax_jax.config import MiniMaxConfig
-from minimax_jax.hf_names import IGNORED, Entry, Path, detect_layout, expected_entries
+from minimax_jax.hf_names import IGNORED, Entry, ParamPath, detect_layout, expected_entries
 from minimax_jax.model import MiniMaxForCausalLM
 
 STATE_DIR = "state"
@@ -66,14 +66,14 @@ def parse_dtype(name: str | None) -> np.dtype | None:
     return DTYPES[name]
 
 
-def report(where: FsPath, problems: list[str]) -> CheckpointError:
+def report(where: Path, problems: list[str]) -> CheckpointError:
     """One error listing (at most MAX_LISTED of) `problems` found in `where`."""
     shown = problems[:MAX_LISTED]
     more = f"; ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
     return CheckpointError(f"{where}: {len(problems)} problem(s): " + "; ".join(shown) + more)
 
 
-def param_shapes(cfg: MiniMaxConfig) -> dict[Path, tuple[int, ...]]:
+def param_shapes(cfg: MiniMaxConfig) -> dict[ParamPath, tuple[int, ...]]:
     """Shape of every parameter of `MiniMaxForCausalLM(cfg)`, by path (computed abstractly)."""
     model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
     return {path: tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -84,8 +84,8 @@ class HFReader:
     """The tensors of an HF directory: name -> file, shape, dtype from the safetensors headers
     (guided by `model.safetensors.index.json` when present); data read one tensor at a time."""
 
-    def __init__(self, hf_dir: FsPath):
-        self.dir = FsPath(hf_dir)
+    def __init__(self, hf_dir: Path):
+        self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -94,7 +94,7 @@ class HFReader:
             weight_map, files = None, sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.dir}: no *.safetensors files")
-        self.file: dict[str, FsPath] = {}
+        self.file: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
         problems = []
@@ -129,7 +129,7 @@ class HFPlan:
     reported together in one `CheckpointError`.
     """
 
-    def __init__(self, hf_dir: FsPath, cfg: MiniMaxConfig, dtype: np.dtype | None):
+    def __init__(self, hf_dir: Path, cfg: MiniMaxConfig, dtype: np.dtype | None):
         self.reader = HFReader(hf_dir)
         self.cfg = cfg
         self.layout = detect_layout(set(self.reader.file))
@@ -139,7 +139,7 @@ class HFPlan:
         problems = [f"missing tensor {n}" for n in sorted(set(self.entries) - present)]
         problems += [f"unexpected tensor {n}" for n in sorted(present - set(self.entries))
                      if not IGNORED.fullmatch(n)]
-        sources: dict[Path, list[np.dtype]] = {}
+        sources: dict[ParamPath, list[np.dtype]] = {}
         for name in sorted(set(self.entries) & present):
             want, got = self.entries[name][0].rule.hf_shape(cfg), self.reader.shape[name]
             if got != want:
@@ -167,7 +167,7 @@ class HFPlan:
                 yield entry, entry.rule.to_ours(array, shape).astype(self.dtypes[entry.path], copy=False)
 
 
-def write_safetensors(file: FsPath, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+def write_safetensors(file: Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
                       tensors: Iterable[np.ndarray]) -> None:
     """Write a safetensors file whose header lists `specs` (name, shape, dtype) in order, then
     the data of `tensors` (the same order, shapes and dtypes), one tensor in memory at a time."""
@@ -190,7 +190,7 @@ def write_safetensors(file: FsPath, specs: list[tuple[str, tuple[int, ...], np.d
 
 
 # ----- our Orbax checkpoints -------------------------------------------------------------------
-def _tree_key(path: Path) -> tuple[str, ...]:
+def _tree_key(path: ParamPath) -> tuple[str, ...]:
     """Key path of a param in the saved `nnx.State` (Orbax stores `Variable.value` leaves)."""
     return (*map(str, path), "value")
 
@@ -211,9 +211,9 @@ class OrbaxWriter:
     params), so every block covers whole chunks and no chunk is read back or held in memory.
     """
 
-    def __init__(self, state_dir: FsPath, shapes: dict[Path, tuple[int, ...]],
-                 dtypes: dict[Path, np.dtype], n_index: dict[Path, int]):
-        self.dir, self.shapes = FsPath(state_dir), shapes
+    def __init__(self, state_dir: Path, shapes: dict[ParamPath, tuple[int, ...]],
+                 dtypes: dict[ParamPath, np.dtype], n_index: dict[ParamPath, int]):
+        self.dir, self.shapes = Path(state_dir), shapes
         self.dir.mkdir(parents=True)
         self.stores = {}
         for path, shape in shapes.items():
@@ -224,7 +224,7 @@ class OrbaxWriter:
                              "compressor": {"id": "zstd", "level": 1}},
             }, create=True, dtype=ts.dtype(dtypes[path].name)).result()
 
-    def write(self, path: Path, index: tuple[int, ...], block: np.ndarray) -> None:
+    def write(self, path: ParamPath, index: tuple[int, ...], block: np.ndarray) -> None:
         """Write `block` into `param[index]` on disk."""
         self.stores[path][index].write(block).result()
 
@@ -247,17 +247,17 @@ class OrbaxReader:
     """Blocks of the params of an Orbax PyTree checkpoint of `nnx.state(model, nnx.Param)`
     (ours, or one saved by Orbax itself, with or without OCDBT), read one at a time."""
 
-    def __init__(self, state_dir: FsPath):
-        self.dir = FsPath(state_dir).absolute()
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir).absolute()
         meta_file = self.dir / "_METADATA"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.dir}: not an Orbax checkpoint (no _METADATA)")
         meta = json.loads(meta_file.read_text())
         self.use_ocdbt, self.use_zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
         self.names = {tuple(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
-        self.stores: dict[Path, ts.TensorStore] = {}
+        self.stores: dict[ParamPath, ts.TensorStore] = {}
 
-    def store(self, path: Path) -> ts.TensorStore:
+    def store(self, path: ParamPath) -> ts.TensorStore:
         """The (lazily opened) array of the param at `path`."""
         if path not in self.stores:
             key = _tree_key(path)
@@ -270,19 +270,19 @@ class OrbaxReader:
                                          "kvstore": kvstore}, open=True).result()
         return self.stores[path]
 
-    def read(self, path: Path, index: tuple[int, ...]) -> np.ndarray:
+    def read(self, path: ParamPath, index: tuple[int, ...]) -> np.ndarray:
         """`param[index]` of the param at `path`, in its stored dtype."""
         return self.store(path)[index].read().result()
 
 
 # ----- directories -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_directory(out: FsPath) -> Iterator[FsPath]:
+def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to fill; rename it to `out` only if the block succeeds.
 
     An exception removes it; a killed process leaves only `.{name}.partial-{pid}`.
     """
-    out = FsPath(out).absolute()
+    out = Path(out).absolute()
     if out.exists():
         raise CheckpointError(f"output {out} already exists; remove it or choose another path")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -295,17 +295,17 @@ def atomic_directory(out: FsPath) -> Iterator[FsPath]:
     os.rename(tmp, out)
 
 
-def copy_aux_files(src: FsPath, dst: FsPath) -> list[str]:
+def copy_aux_files(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer / generation files present in `src` to `dst`; returns their names."""
-    names = [n for n in AUX_FILES if (FsPath(src) / n).is_file()]
+    names = [n for n in AUX_FILES if (Path(src) / n).is_file()]
     for name in names:
-        shutil.copy2(FsPath(src) / name, FsPath(dst) / name)
+        shutil.copy2(Path(src) / name, Path(dst) / name)
     return names
 
 
-def is_orbax_dir(path: FsPath) -> bool:
+def is_orbax_dir(path: Path) -> bool:
     """True for a directory of ours (complete or not), False for an HF one."""
-    return (FsPath(path) / STATE_DIR).exists() or (FsPath(path) / MARKER).exists()
+    return (Path(path) / STATE_DIR).exists() or (Path(path) / MARKER).exists()
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxForCausalLM:
@@ -315,7 +315,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
     config's `dtype` and `param_dtype`; they live on the default device. Calling the model
     as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`.
     """
-    path = FsPath(path)
+    path = Path(path)
     parse_dtype(dtype)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -328,7 +328,8 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
     if orbax:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-        state = ocp.StandardCheckpointer().restore((path / STATE_DIR).absolute(), target)
+        with ocp.StandardCheckpointer() as checkpointer:
+            state = checkpointer.restore((path / STATE_DIR).absolute(), target)
     else:
         plan = HFPlan(path, cfg, DTYPES[dtype])
         arrays = {p: np.empty(shape, DTYPES[dtype]) for p, shape in plan.shapes.items()}

@@ -28,7 +28,7 @@ NATIVE = "native"  # mlp.gate.weight, mlp.experts.gate_up_proj / down_proj (tran
 # Lightning decay buffers written by transformers' save_pretrained; recomputed from the config.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)")
 
-Path = tuple[str | int, ...]
+ParamPath = tuple[str | int, ...]
 ShapeFn = Callable[[MiniMaxConfig], tuple[int, ...]]
 
 
@@ -127,12 +127,12 @@ class Entry:
     """One HF tensor's destination: `param[index]` of our param at `path`, via `rule`."""
 
     hf_name: str
-    path: Path
+    path: ParamPath
     index: tuple[int, ...]
     rule: Rule
 
 
-def our_path(template: str, i: int) -> Path:
+def our_path(template: str, i: int) -> ParamPath:
     """'blocks.layers.{i}.self_attn.qkv_proj' -> ('blocks', 'layers', i, 'self_attn', 'qkv_proj')."""
     parts = template.format(i=i).split(".")
     return tuple(int(p) if p.isdigit() else p for p in parts)
