@@ -30,6 +30,13 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
     return out.reshape(b, t, h, kd)
 
 
+def write_rows(buffer: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+    """Write chunk `[B, T, ...]` into buffer `[B, S, ...]` at slots start[b]..start[b]+T-1 of row b."""
+    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=0))(
+        buffer, chunk, start
+    )
+
+
 class SoftmaxAttention(nnx.Module):
     """q/k/v projections, RoPE on the first `rotary_dim` dims of q and k, GQA, o_proj."""
 
@@ -54,8 +61,8 @@ class SoftmaxAttention(nnx.Module):
         """x `[B, T, D]`, positions int32 `[B, T]` (for RoPE).
 
         Without a cache, `visible` is bool `[B, T, T]` over this chunk's own keys. With
-        kv_cache = (key `[B, S, N, K]`, value `[B, S, N, K]`, start int32 scalar), this chunk's
-        keys are written at slots start..start+T-1 and `visible` is `[B, T, S]` over all slots.
+        kv_cache = (key `[B, S, N, K]`, value `[B, S, N, K]`, start int32 `[B]`), row b's keys are
+        written at slots start[b]..start[b]+T-1 and `visible` is `[B, T, S]` over all slots.
         Returns (out `[B, T, D]`, updated (key, value) or None).
         """
         x = x.astype(self.dtype)
@@ -67,8 +74,8 @@ class SoftmaxAttention(nnx.Module):
         new_cache = None
         if kv_cache is not None:
             key, value, start = kv_cache
-            key = jax.lax.dynamic_update_slice_in_dim(key, k.astype(key.dtype), start, axis=1)
-            value = jax.lax.dynamic_update_slice_in_dim(value, v.astype(value.dtype), start, axis=1)
+            key = write_rows(key, k.astype(key.dtype), start)
+            value = write_rows(value, v.astype(value.dtype), start)
             new_cache = (key, value)
             k, v = key.astype(self.dtype), value.astype(self.dtype)
         o = grouped_attention(q, k, v, visible)

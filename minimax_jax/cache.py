@@ -18,7 +18,7 @@ class Cache:
     lightning_state float32 `[num_blocks, n_linear, B, H, K, K]`: one state per lightning layer
     (n_linear = lightning layers in the repeating block). key, value `[num_blocks, n_full, B, S, N, K]`
     (post-RoPE keys; S = max_length slots). kv_mask bool `[B, S]`: slot holds a real token.
-    length int32 `[]`: slots written so far (rows are aligned; padding is on the left).
+    length int32 `[B]`: slots written so far in each row (padding slots count; they stay masked).
     next_position int32 `[B]`: the RoPE position of each row's next token.
     """
 
@@ -45,6 +45,6 @@ def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int) -> Cache:
         key=jnp.zeros(kv_shape, cfg.dtype),
         value=jnp.zeros(kv_shape, cfg.dtype),
         kv_mask=jnp.zeros((batch_size, max_length), jnp.bool_),
-        length=jnp.zeros((), jnp.int32),
+        length=jnp.zeros((batch_size,), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32),
     )

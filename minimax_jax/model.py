@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minimax_jax.attention import write_rows
 from minimax_jax.cache import Cache
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.decoder import DecoderBlock
@@ -81,8 +82,8 @@ class MiniMaxForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, Cache | None, jax.Array]:
         """The full forward pass, optionally continuing from / writing to a cache.
 
-        input_ids int32 `[B, T]`. With a cache the chunk is appended after its `length` slots
-        (prefill, chunked prefill and decode are the same call); segment_ids need no cache.
+        input_ids int32 `[B, T]`. With a cache, row b's chunk is appended after its `length[b]`
+        slots (prefill, chunked prefill and decode are the same call); segment_ids need no cache.
         Returns (logits float32 `[B, T, V]`, the updated cache or None, the MoE load-balancing
         loss averaged over layers, float32 scalar).
         """
@@ -102,9 +103,10 @@ class MiniMaxForCausalLM(nnx.Module):
                 visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
             kv_mask = None
         else:
-            kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.kv_mask, mask, cache.length, axis=1)
+            kv_mask = write_rows(cache.kv_mask, mask, cache.length)
             slots = jnp.arange(cache.max_length)
-            visible = (slots[None, :] <= (cache.length + idx_q)[:, None])[None] & kv_mask[:, None, :]
+            last_visible = cache.length[:, None] + idx_q[None, :]  # [B, T]
+            visible = (slots[None, None, :] <= last_visible[:, :, None]) & kv_mask[:, None, :]
 
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.dtype)
         slopes = jnp.asarray(cfg.slopes()).reshape(cfg.num_blocks, len(cfg.block_pattern), -1)

@@ -35,7 +35,7 @@ def test_prefill_then_decode_equals_full_forward(rng):
         logits, cache, _ = model.forward(ids[:, t:t + 1], cache=cache)
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-5 * np.abs(full).max())
-    assert int(cache.length) == 45 and list(np.asarray(cache.next_position)) == [45, 45]
+    assert list(np.asarray(cache.length)) == [45, 45] and list(np.asarray(cache.next_position)) == [45, 45]
 
 
 def test_left_padding_equals_unpadded_rows(rng):
