@@ -6,8 +6,8 @@ Public API:
 - ``lightning_decode(q, k, v, slopes, state)``
 
 Implementations: "reference" (token recurrence), "chunked" (block form in plain JAX), "pallas"
-(GPU kernel; calls it does not support fall back to "chunked") and "auto" ("pallas" where a kernel
-supports the call, else "chunked").
+(Mosaic GPU kernels for Hopper, bf16/f16 inputs with head dim 64 or 128; other calls fall back to
+"chunked") and "auto" ("pallas" where the kernels support the call, else "chunked").
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import lightning_gpu
 from pallas_kernels.chunked import lightning_attention_chunked
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
 
@@ -79,6 +80,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
     initial_state = jnp.zeros((b, h, d, d), jnp.float32)
   if impl == "reference":
     return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
+  if impl in ("pallas", "auto") and lightning_gpu.supports(q, k, v):
+    return lightning_gpu.lightning_attention_pallas(q, k, v, slopes, initial_state, segment_ids)
   return lightning_attention_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
 
 
