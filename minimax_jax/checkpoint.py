@@ -257,6 +257,19 @@ class OrbaxReader:
         self.names = {tuple(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
         self.stores: dict[ParamPath, ts.TensorStore] = {}
 
+    def check(self, shapes: dict[ParamPath, tuple[int, ...]]) -> None:
+        """Raise one error listing the params missing, unexpected or shaped unlike `shapes`."""
+        keys = {_tree_key(p): p for p in shapes}
+        problems = [f"missing param {'.'.join(k)}" for k in sorted(keys.keys() - self.names)]
+        problems += [f"unexpected param {'.'.join(k)}" for k in sorted(self.names - keys.keys())]
+        for key in sorted(keys.keys() & self.names):
+            got, want = tuple(self.store(keys[key]).shape), shapes[keys[key]]
+            if got != want:
+                problems.append(f"shape mismatch for {'.'.join(key)}: checkpoint has {list(got)}, "
+                                f"config expects {list(want)}")
+        if problems:
+            raise report(self.dir, problems)
+
     def store(self, path: ParamPath) -> ts.TensorStore:
         """The (lazily opened) array of the param at `path`."""
         if path not in self.stores:
@@ -326,6 +339,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
     model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
     abstract = nnx.state(model, nnx.Param)
     if orbax:
+        OrbaxReader(path / STATE_DIR).check({p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract)})
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
         with ocp.StandardCheckpointer() as checkpointer:

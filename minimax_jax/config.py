@@ -32,6 +32,7 @@ class MiniMaxConfig:
     `layer_types[l]` is "linear_attention" (lightning) or "full_attention" (softmax GQA) for
     absolute layer l. `rotary_dim` is the number of leading head dims rotated by RoPE.
     `dtype` is the activation (compute) dtype, `param_dtype` the dtype parameters are stored in.
+    `remat` recomputes each scanned block's activations in the backward pass instead of storing them.
     """
 
     vocab_size: int = 200064
@@ -63,6 +64,7 @@ class MiniMaxConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     lightning_impl: str = "auto"
+    remat: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))

@@ -3,10 +3,11 @@
     python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16]
     python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2]
 
-Both directions go through the one table of `hf_names` and hold one tensor at a time: peak
-host memory is the interpreter and libraries plus at most 4x the largest single tensor (as
-read, transposed, cast to the target dtype, and tensorstore's encode buffer), whatever the
-number of layers, experts or shards. Outputs are built in a temporary sibling directory and
+Both directions go through the one table of `hf_names` and hold one tensor at a time. Memory
+bound: peak RSS <= (the same conversion of a tiny model) + 4 x the largest single tensor + 64 MiB
+(the tensor as read, transposed, cast, and tensorstore's encode buffer, plus allocator slack),
+whatever the number of layers, experts or shards; for MiniMax-Text-01 in bfloat16 the largest
+tensor is embed_tokens / lm_head, 2.3 GiB. Outputs are built in a temporary sibling directory and
 renamed into place at the end, so an interrupted conversion leaves nothing that loads.
 """
 
@@ -18,13 +19,14 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from minimax_jax.checkpoint import (
     INDEX_FILE, MARKER, STATE_DIR, CheckpointError, HFPlan, OrbaxReader, OrbaxWriter,
-    atomic_directory, copy_aux_files, param_shapes, parse_dtype, report, write_safetensors,
+    atomic_directory, copy_aux_files, param_shapes, parse_dtype, write_safetensors,
 )
 from minimax_jax.config import ConfigError, MiniMaxConfig
 from minimax_jax.hf_names import REMOTE, Entry, expected_entries
@@ -80,57 +82,42 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
         raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {MARKER})")
     cfg = MiniMaxConfig.from_hf_config(ckpt)
     reader = OrbaxReader(ckpt / STATE_DIR)
-    shapes = param_shapes(cfg)
     entries: list[Entry] = [es[0] for _, es in sorted(expected_entries(cfg, REMOTE).items(),
                                                         key=lambda kv: _natural_key(kv[0]))]
-    problems = []
-    for path, shape in shapes.items():
-        try:
-            stored = tuple(reader.store(path).shape)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if stored != shape:
-            problems.append(f"shape mismatch for {'.'.join(map(str, path))}: checkpoint has "
-                            f"{list(stored)}, config expects {list(shape)}")
-    if problems:
-        raise report(ckpt, problems)
-
+    reader.check(param_shapes(cfg))
     specs = []
     for e in entries:
         dt = target if target is not None else np.dtype(reader.store(e.path).dtype.numpy_dtype)
         specs.append((e.hf_name, e.rule.hf_shape(cfg), dt))
+    sizes = [math.prod(shape) * dt.itemsize for _, shape, dt in specs]
     shards: list[list[int]] = [[]]
     size = 0
-    for i, (_, shape, dt) in enumerate(specs):
-        nbytes = math.prod(shape) * dt.itemsize
+    for i, nbytes in enumerate(sizes):
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(i)
         size += nbytes
     _log(f"exporting {len(specs)} tensors from {ckpt} to {out} in {len(shards)} shard(s)")
-    bar = tqdm(total=len(specs), desc=ckpt.name, unit="tensor", disable=not progress)
 
-    def tensors(ids: list[int]):
+    def tensors(ids: list[int]) -> Iterator[np.ndarray]:
         for i in ids:
             e = entries[i]
             yield e.rule.to_hf(reader.read(e.path, e.index), cfg).astype(specs[i][2], copy=False)
             bar.update()
 
     weight_map = {}
-    with atomic_directory(Path(out)) as tmp:
+    with atomic_directory(Path(out)) as tmp, tqdm(total=len(specs), desc=ckpt.name, unit="tensor",
+                                                  disable=not progress) as bar:
         for n, ids in enumerate(shards):
             file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
             write_safetensors(tmp / file, [specs[i] for i in ids], tensors(ids))
             weight_map.update({specs[i][0]: file for i in ids})
-        total = sum(math.prod(s) * dt.itemsize for _, s, dt in specs)
         (tmp / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
         copy_aux_files(ckpt, tmp)
         param_dtype = specs[0][2].name if target is None else dtype
         (tmp / "config.json").write_text(json.dumps(cfg.replace(param_dtype=param_dtype).to_hf_config(), indent=2))
-    bar.close()
     _log(f"wrote {out}")
     return Path(out)
 

@@ -41,7 +41,7 @@ class DecoderLayer(nnx.Module):
         state: jax.Array | None,
         kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
     ):
-        """h `[B, T, D]` -> (h `[B, T, D]`, new lightning state, new (key, value), aux loss).
+        """h `[B, T, D]` -> (h `[B, T, D]`, new lightning state, new (key, value), router stats).
 
         Lightning layers use slopes `[H]`, mask, segment_ids and state; softmax layers use
         positions, visible and kv_cache (see `LightningAttention` / `SoftmaxAttention`).
@@ -54,8 +54,8 @@ class DecoderLayer(nnx.Module):
             a, new_kv = self.self_attn(xn, positions=positions, visible=visible, kv_cache=kv_cache)
         h = self.alpha * xn + self.beta * a
         zn = self.post_attention_layernorm(h)
-        f, aux = self.block_sparse_moe(zn, mask)
-        return self.mlp_alpha * zn + self.mlp_beta * f, state, new_kv, aux
+        f, stats = self.block_sparse_moe(zn, mask)
+        return self.mlp_alpha * zn + self.mlp_beta * f, state, new_kv, stats
 
 
 class DecoderBlock(nnx.Module):
@@ -81,20 +81,20 @@ class DecoderBlock(nnx.Module):
         h `[B, T, D]`; slopes float32 `[P, H]` (one row per layer of the block, absolute-layer
         slopes); lightning_state float32 `[n_linear, B, H, K, K]` or None; kv_cache
         (key `[n_full, B, S, N, K]`, value, start) or None. Returns (h, new lightning_state or
-        None, (key, value) or None, aux float32 `[P]`).
+        None, (key, value) or None, router stats stacked over the P layers).
         """
-        states, keys, values, auxes = [], [], [], []
+        states, keys, values, stats = [], [], [], []
         for i, layer in enumerate(self.layers):
             state = kv = None
             if layer.layer_type == LINEAR:
                 state = None if lightning_state is None else lightning_state[len(states)]
             elif kv_cache is not None:
                 kv = (kv_cache[0][len(keys)], kv_cache[1][len(keys)], kv_cache[2])
-            h, state, new_kv, aux = layer(
+            h, state, new_kv, layer_stats = layer(
                 h, slopes=slopes[i], positions=positions, visible=visible, mask=mask,
                 segment_ids=segment_ids, state=state, kv_cache=kv,
             )
-            auxes.append(aux)
+            stats.append(layer_stats)
             if layer.layer_type == LINEAR:
                 states.append(state)
             else:
@@ -106,4 +106,4 @@ class DecoderBlock(nnx.Module):
         new_kv = None
         if kv_cache is not None:
             new_kv = (jnp.stack(keys), jnp.stack(values)) if keys else kv_cache[:2]
-        return h, new_state, new_kv, jnp.stack(auxes)
+        return h, new_state, new_kv, jax.tree.map(lambda *x: jnp.stack(x), *stats)

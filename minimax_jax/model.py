@@ -84,8 +84,8 @@ class MiniMaxForCausalLM(nnx.Module):
 
         input_ids int32 `[B, T]`. With a cache, row b's chunk is appended after its `length[b]`
         slots (prefill, chunked prefill and decode are the same call); segment_ids need no cache.
-        Returns (logits float32 `[B, T, V]`, the updated cache or None, the MoE load-balancing
-        loss averaged over layers, float32 scalar).
+        Returns (logits float32 `[B, T, V]`, the updated cache or None, router stats averaged
+        over layers: {"aux_loss": float32 scalar, "expert_load": float32 `[E]`}).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -117,17 +117,19 @@ class MiniMaxForCausalLM(nnx.Module):
             params, block_slopes, state, key, value = xs
             block = nnx.merge(graphdef, params)
             kv = None if cache is None else (key, value, cache.length)
-            h, state, new_kv, aux = block(
+            h, state, new_kv, stats = block(
                 h, slopes=block_slopes, positions=positions, visible=visible, mask=lin_mask,
                 segment_ids=segment_ids, lightning_state=state, kv_cache=kv,
             )
             key, value = (None, None) if new_kv is None else new_kv
-            return h, (state, key, value, aux)
+            return h, (state, key, value, stats)
 
+        if cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
         xs = (block_params, slopes, *(
             (None, None, None) if cache is None else (cache.lightning_state, cache.key, cache.value)
         ))
-        h, (state, key, value, aux) = jax.lax.scan(body, h, xs)
+        h, (state, key, value, stats) = jax.lax.scan(body, h, xs)
 
         h = self.norm(h)
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(cfg.dtype),
@@ -139,4 +141,4 @@ class MiniMaxForCausalLM(nnx.Module):
                 length=cache.length + t,
                 next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32),
             )
-        return logits, new_cache, jnp.mean(aux)
+        return logits, new_cache, jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), stats)

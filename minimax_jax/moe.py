@@ -21,19 +21,21 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, j
     return probs, top_p / jnp.sum(top_p, axis=-1, keepdims=True), experts
 
 
-def load_balancing_loss(probs: jax.Array, experts: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Switch-style auxiliary loss E * sum_e f_e * P_e, float32 scalar.
+def router_stats(probs: jax.Array, experts: jax.Array, mask: jax.Array | None) -> dict[str, jax.Array]:
+    """Load-balancing loss and expert load of one MoE layer.
 
-    probs `[N, E]`, experts `[N, k]`, mask `[N]` (1 = real token) or None. f_e is the fraction of
-    the N*k assignments that go to expert e times k (so a uniform router gives 1), P_e the mean
-    router probability of e; padded tokens are left out of both means.
+    probs `[N, E]`, experts `[N, k]`, mask `[N]` (1 = real token) or None; padded tokens are
+    left out. Returns {"aux_loss": float32 scalar, the Switch-style E * sum_e f_e * P_e with f_e
+    the assignments to e per token (summing to k) and P_e the mean router probability of e;
+    "expert_load": float32 `[E]`, the fraction of assignments that go to each expert}.
     """
     n, e = probs.shape
+    k = experts.shape[1]
     w = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(w), 1.0)
     counts = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * w[:, None, None], axis=(0, 1))
     mean_prob = jnp.sum(probs * w[:, None], axis=0) / denom
-    return e * jnp.sum(counts / denom * mean_prob)
+    return {"aux_loss": e * jnp.sum(counts / denom * mean_prob), "expert_load": counts / (denom * k)}
 
 
 def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array,
@@ -61,15 +63,15 @@ class SparseMoE(nnx.Module):
         self.w3 = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, stddev=std)
         self.w2 = param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd, stddev=std)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x `[B, T, D]`, mask `[B, T]` or None -> (out `[B, T, D]` in the compute dtype,
-        load-balancing loss float32 scalar)."""
+        `router_stats`)."""
         b, t, d = x.shape
         e = self.gate.shape[1]
         xf = x.astype(self.dtype).reshape(b * t, d)
         logits = xf @ self.gate[...].astype(self.dtype)
         probs, weights, experts = route(logits, self.top_k)
-        aux = load_balancing_loss(probs, experts, None if mask is None else mask.reshape(-1))
+        stats = router_stats(probs, experts, None if mask is None else mask.reshape(-1))
 
         flat = experts.reshape(-1)  # [N * k], assignment a belongs to token a // k
         order = jnp.argsort(flat, stable=True)
@@ -81,4 +83,4 @@ class SparseMoE(nnx.Module):
         )
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(b * t, self.top_k, d)
         out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
-        return out.astype(self.dtype).reshape(b, t, d), aux
+        return out.astype(self.dtype).reshape(b, t, d), stats
