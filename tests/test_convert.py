@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -171,12 +173,28 @@ def test_params_are_the_hf_tensors_after_the_stated_transforms(dirs):
 def test_hf_and_orbax_dirs_load_identically(dirs):
     ids = jnp.array([[3, 17, 9, 120, 5, 5, 64, 1, 0, 33, 8], [7, 7, 2, 90, 11, 3, 4, 5, 6, 7, 8]])
     a, b = load_model(dirs["remote"]), load_model(dirs["ckpt"])
-    la, lb = a(ids), b(ids)
+    graphdef, state_a = nnx.split(a)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))  # one compile for both
+    la, lb = forward(state_a, ids), forward(nnx.state(b), ids)
     assert la.shape == (2, 11, 128) and la.dtype == jnp.float32
     np.testing.assert_array_equal(la, lb)
     half = load_model(dirs["ckpt"], dtype="bfloat16")
     assert half.config.param_dtype == half.config.dtype == "bfloat16"
-    assert half.lm_head[...].dtype == jnp.bfloat16 and half(ids).dtype == jnp.float32
+    assert half.lm_head[...].dtype == jnp.bfloat16
+    assert jax.eval_shape(lambda: half(ids)).dtype == jnp.float32
+
+
+def test_dtype_option_casts_the_stored_params(dirs, tmp_path):
+    ckpt = hf_to_orbax(dirs["remote"], tmp_path / "ckpt", dtype="bfloat16", progress=False)
+    reader = OrbaxReader(ckpt / STATE_DIR)
+    assert reader.read(("embed_tokens",), ()).dtype == ml_dtypes.bfloat16
+    hf = read_hf(dirs["remote"])
+    model = load_model(ckpt)  # float32 params holding the bfloat16 values
+    np.testing.assert_array_equal(
+        model.blocks.layers[2].block_sparse_moe.w2[1, 3],
+        hf["model.layers.6.block_sparse_moe.experts.3.w2.weight"].T.astype(ml_dtypes.bfloat16).astype(np.float32))
+    back = read_hf(orbax_to_hf(ckpt, tmp_path / "back", dtype="float16", progress=False))
+    assert {v.dtype for v in back.values()} == {np.dtype(np.float16)}
 
 
 def test_native_and_remote_layouts_load_to_identical_params(dirs):
@@ -231,6 +249,21 @@ def test_mapping_errors_are_reported_together(dirs, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and msg in proc.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_orbax_checkpoint_not_matching_its_config_is_an_error(dirs, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dirs["ckpt"], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
+    expected = ("shape mismatch for blocks.layers.0.block_sparse_moe.w1.value: "
+                "checkpoint has [2, 4, 64, 48], config expects [2, 4, 64, 40]")
+    with pytest.raises(CheckpointError, match=r"12 problem\(s\)") as err:
+        load_model(ckpt)
+    assert expected in str(err.value)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        orbax_to_hf(ckpt, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_cli_user_errors(dirs, tmp_path):
@@ -327,8 +360,9 @@ def test_conversion_peak_memory_is_bounded(dirs, many_shards, tmp_path):
           f"largest tensor {largest / 2**20:.0f} MiB, checkpoint {sum(p.stat().st_size for p in big.glob('*.safetensors')) / 2**20:.0f} MiB")
     assert peak <= bound
     assert (tmp_path / "big" / MARKER).is_file()
-    ids = jnp.array([[1, 2, 3, 4000]])
-    assert load_model(tmp_path / "big")(ids).shape == (1, 4, 4096)
+    reader = OrbaxReader(tmp_path / "big" / STATE_DIR)
+    expected = HFReader(big).read("model.layers.6.block_sparse_moe.experts.9.w1.weight").T
+    np.testing.assert_array_equal(reader.read(("blocks", "layers", 2, "block_sparse_moe", "w1"), (1, 9)), expected)
 
 
 def test_killed_conversion_leaves_nothing_loadable(many_shards, tmp_path):
