@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -131,7 +132,6 @@ class HFPlan:
 
     def __init__(self, hf_dir: Path, cfg: MiniMaxConfig, dtype: np.dtype | None):
         self.reader = HFReader(hf_dir)
-        self.cfg = cfg
         self.layout = detect_layout(set(self.reader.file))
         self.entries = expected_entries(cfg, self.layout)
         self.shapes = param_shapes(cfg)
@@ -350,7 +350,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
         for entry, block in plan.blocks():
             arrays[entry.path][entry.index] = block
         state = nnx.from_flat_state(
-            [(p, v.replace(jax.numpy.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
+            [(p, v.replace(jnp.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
         )
     nnx.update(model, state)
     return model

@@ -49,7 +49,7 @@ class Rule:
         if self.split is not None:
             axis, k, n = self.split
             size = hf.shape[axis] // n
-            hf = np.take(hf, np.arange(k * size, (k + 1) * size), axis=axis)
+            hf = hf[(slice(None),) * axis + (slice(k * size, (k + 1) * size),)]
         x = hf.swapaxes(-1, -2) if self.transpose else hf
         return np.ascontiguousarray(x).reshape(block_shape)
 

@@ -21,10 +21,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from minimax_jax import MiniMaxForCausalLM
-from minimax_jax.checkpoint import MARKER, STATE_DIR, CheckpointError, HFReader, OrbaxReader, load_model
+from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
+from minimax_jax.checkpoint import (
+    MARKER, STATE_DIR, CheckpointError, HFReader, OrbaxReader, load_model, param_shapes,
+)
 from minimax_jax.convert import hf_to_orbax, orbax_to_hf
-from minimax_jax.hf_names import IGNORED
+from minimax_jax.hf_names import IGNORED, NATIVE, REMOTE, expected_entries
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,6 +116,20 @@ def test_remote_layout_is_what_save_pretrained_writes(dirs):
     assert any(".mlp.experts.gate_up_proj" in n for n in read_hf(dirs["native"]))
 
 
+@pytest.mark.parametrize("layout", [REMOTE, NATIVE])
+def test_table_fills_every_param_block_exactly_once(layout):
+    cfg = MiniMaxConfig.from_hf_config(hf_config().to_dict())
+    shapes = param_shapes(cfg)
+    filled = {}
+    for entries in expected_entries(cfg, layout).values():
+        for e in entries:
+            filled.setdefault(e.path, []).append(e.index)
+    assert filled.keys() == shapes.keys()
+    for path, indices in filled.items():
+        n = len(indices[0])
+        assert sorted(indices) == list(np.ndindex(*shapes[path][:n])), path
+
+
 @pytest.mark.parametrize("source", ["remote", "bf16"])
 def test_hf_orbax_hf_round_trip_is_bit_identical(dirs, tmp_path, source):
     ckpt = dirs["ckpt"] if source == "remote" else hf_to_orbax(dirs[source], tmp_path / "ckpt", progress=False)
@@ -149,6 +165,7 @@ def test_params_are_the_hf_tensors_after_the_stated_transforms(dirs):
         w = lambda name: hf[f"model.layers.{l}.{name}"]  # noqa: E731
         a = layer.self_attn
         np.testing.assert_array_equal(layer.input_layernorm.scale[b], w("input_layernorm.weight"))
+        np.testing.assert_array_equal(layer.post_attention_layernorm.scale[b], w("post_attention_layernorm.weight"))
         if l % 4 < 3:
             qkv = w("self_attn.qkv_proj.weight")  # rows: per head [q|k|v]
             for head in range(h):
