@@ -156,22 +156,20 @@ class MiniMaxConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "MiniMaxConfig":
-        """Read the `model:` section of a YAML file, then apply `key=value` overrides.
+        """Read the `model:` section of a YAML file, then apply `key=value` overrides."""
+        values = read_yaml(path).get("model")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a 'model:' section")
+        return cls.from_mapping({**values, **parse_overrides(overrides, cls.field_names())})
 
-        `layer_types` may also be given as {"pattern": [...], "repeat": n}.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-            raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
-        values = dict(raw["model"])
-        values.update(parse_overrides(overrides, cls.field_names()))
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "MiniMaxConfig":
+        """Like `from_dict`, but `layer_types` may also be {"pattern": [...], "repeat": n}."""
+        values = dict(values)
         lt = values.get("layer_types")
         if isinstance(lt, dict):
             if set(lt) != {"pattern", "repeat"}:
-                raise ConfigError(f"{path}: layer_types as a mapping needs exactly 'pattern' and 'repeat'")
+                raise ConfigError("layer_types as a mapping needs exactly 'pattern' and 'repeat'")
             values["layer_types"] = list(lt["pattern"]) * int(lt["repeat"])
         return cls.from_dict(values)
 
@@ -294,6 +292,17 @@ class MiniMaxConfig:
             "initializer_range": self.initializer_range,
             "torch_dtype": self.param_dtype,
         }
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file or another shape is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def parse_overrides(overrides: Iterable[str], valid: Iterable[str]) -> dict[str, Any]:
