@@ -156,7 +156,8 @@ def test_params_are_the_hf_tensors_after_the_stated_transforms(dirs):
     model = load_model(dirs["remote"])
     hf = read_hf(dirs["remote"])
     cfg = model.config
-    d, h, n, k, f = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    d, h, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    f = cfg.intermediate_size
     np.testing.assert_array_equal(model.embed_tokens[...], hf["model.embed_tokens.weight"])
     np.testing.assert_array_equal(model.lm_head[...], hf["lm_head.weight"].T)
     np.testing.assert_array_equal(model.norm.scale[...], hf["model.norm.weight"])
@@ -183,7 +184,8 @@ def test_params_are_the_hf_tensors_after_the_stated_transforms(dirs):
         np.testing.assert_array_equal(moe.gate[b], w("block_sparse_moe.gate.weight").T)
         for e in range(cfg.num_local_experts):
             for name in ("w1", "w2", "w3"):
-                np.testing.assert_array_equal(getattr(moe, name)[b, e], w(f"block_sparse_moe.experts.{e}.{name}.weight").T)
+                expert = w(f"block_sparse_moe.experts.{e}.{name}.weight")
+                np.testing.assert_array_equal(getattr(moe, name)[b, e], expert.T)
     assert model.blocks.layers[0].block_sparse_moe.w1.shape == (2, 4, d, f)
 
 
@@ -222,7 +224,10 @@ def test_native_and_remote_layouts_load_to_identical_params(dirs):
         np.testing.assert_array_equal(a[path][...], b[path][...], err_msg=str(path))
     # and the native directory converts to the same Orbax checkpoint contents
     native = hf_to_orbax(dirs["native"], dirs["native"].parent / "ckpt_native", progress=False)
-    assert read_hf(orbax_to_hf(native, native.parent / "native_back", progress=False)).keys() == read_hf(dirs["remote"]).keys()
+    back = read_hf(orbax_to_hf(native, native.parent / "native_back", progress=False))
+    remote = read_hf(dirs["remote"])
+    assert back.keys() == remote.keys()
+    assert all(back[n].tobytes() == remote[n].tobytes() for n in remote)
 
 
 def test_orbax_restores_our_checkpoint_and_we_read_orbax_saved_ones(dirs, tmp_path):
@@ -261,7 +266,8 @@ def test_mapping_errors_are_reported_together(dirs, tmp_path):
     assert "3 problem(s)" in msg
     assert "missing tensor model.layers.5.block_sparse_moe.experts.2.w3.weight" in msg
     assert "unexpected tensor model.layers.1.self_attn.extra.weight" in msg
-    assert "shape mismatch for model.layers.3.self_attn.k_proj.weight: checkpoint has [48, 64], config expects [32, 64]" in msg
+    assert ("shape mismatch for model.layers.3.self_attn.k_proj.weight: "
+            "checkpoint has [48, 64], config expects [32, 64]") in msg
     proc = run_cli("--hf-dir", str(bad), "--out", str(tmp_path / "out"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and msg in proc.stderr
@@ -373,8 +379,9 @@ def test_conversion_peak_memory_is_bounded(dirs, many_shards, tmp_path):
     assert small.returncode == 0 and proc.returncode == 0, proc.stderr
     base, peak = peak_kib(small) * 1024, peak_kib(proc) * 1024
     bound = base + 4 * largest + (64 << 20)
+    size = sum(p.stat().st_size for p in big.glob("*.safetensors"))
     print(f"baseline {base / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB, "
-          f"largest tensor {largest / 2**20:.0f} MiB, checkpoint {sum(p.stat().st_size for p in big.glob('*.safetensors')) / 2**20:.0f} MiB")
+          f"largest tensor {largest / 2**20:.0f} MiB, checkpoint {size / 2**20:.0f} MiB")
     assert peak <= bound
     assert (tmp_path / "big" / MARKER).is_file()
     reader = OrbaxReader(tmp_path / "big" / STATE_DIR)
