@@ -48,3 +48,34 @@ def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int) -> Cache:
         length=jnp.zeros((batch_size,), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32),
     )
+
+
+# The batch axis of every Cache leaf (rows are the serving engine's slots).
+BATCH_AXES = Cache(lightning_state=2, key=2, value=2, kv_mask=0, length=0, next_position=0)
+
+
+def take_row(cache: Cache, row: jax.Array) -> Cache:
+    """Row `row` (int32 scalar, may be traced) of `cache` as a cache of batch 1."""
+    return jax.tree.map(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, row, 1, axis), cache, BATCH_AXES)
+
+
+def put_row(cache: Cache, row: jax.Array, sub: Cache) -> Cache:
+    """`cache` with row `row` replaced by the batch-1 cache `sub`."""
+    return jax.tree.map(lambda x, s, axis: jax.lax.dynamic_update_slice_in_dim(x, s, row, axis),
+                        cache, sub, BATCH_AXES)
+
+
+def reset_row(cache: Cache, row: jax.Array) -> Cache:
+    """`cache` with row `row` emptied (zero state, no K/V slots in use, position 0)."""
+    return put_row(cache, row, jax.tree.map(lambda x: jnp.zeros_like(x), take_row(cache, row)))
+
+
+def keep_rows(keep: jax.Array, new: Cache, old: Cache) -> Cache:
+    """Row b from `new` where keep[b] (bool `[B]`), else from `old`."""
+
+    def pick(n: jax.Array, o: jax.Array, axis: int) -> jax.Array:
+        shape = [1] * n.ndim
+        shape[axis] = keep.shape[0]
+        return jnp.where(keep.reshape(shape), n, o)
+
+    return jax.tree.map(pick, new, old, BATCH_AXES)

@@ -1,0 +1,61 @@
+"""`python serve.py`: serve a checkpoint over the OpenAI-compatible API.
+
+    python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+                    [--max-context 2048] [--prefill-chunk 256] [--dtype float32] [--model-name NAME]
+
+DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
+`python train.py --config configs/tiny.yaml` writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+DEFAULT_CHECKPOINT = Path("runs/tiny/model")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"HF or Orbax checkpoint directory (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="slots decoded together")
+    p.add_argument("--max-context", type=int, default=2048, help="prompt + generated tokens per request")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load, warm up, serve until interrupted. User errors print one line and return 1."""
+    args = parse_args(argv)
+    if not args.checkpoint.is_dir():
+        hint = ("train one with `python train.py --config configs/tiny.yaml`, or "
+                if args.checkpoint == DEFAULT_CHECKPOINT else "")
+        print(f"error: no checkpoint at {args.checkpoint}; {hint}pass --checkpoint DIR", file=sys.stderr)
+        return 1
+    from minimax_jax.checkpoint import CheckpointError, load_model
+    from minimax_jax.config import ConfigError
+    from minimax_jax.serving.server import build
+    from minimax_jax.tokenizer import load_tokenizer
+
+    try:
+        model = load_model(args.checkpoint, dtype=args.dtype)
+        tokenizer = load_tokenizer(args.checkpoint)
+        served = build(model, tokenizer, model_name=args.model_name or args.checkpoint.resolve().name,
+                       checkpoint_dir=args.checkpoint, max_batch=args.max_batch,
+                       max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        uvicorn.run(served.app, host=args.host, port=args.port, log_level="info")
+    finally:
+        served.close()
+    return 0

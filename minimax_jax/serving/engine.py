@@ -1,0 +1,371 @@
+"""The serving engine: one background thread, continuous batching over fixed slots.
+
+Each loop iteration: take new requests and aborts; put waiting requests into free slots; run one
+prefill chunk for the oldest slot still reading its prompt (so a long prompt never stalls the
+others for more than one chunk); run one decode step for every slot that is generating. Outputs
+go to each request's callback as they are produced. This thread is the only code that touches
+device arrays.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.serving.metrics import Metrics
+from minimax_jax.serving.sampling import TOP_LOGPROBS, Sampled, SamplingBatch
+from minimax_jax.serving.steps import Steps
+from minimax_jax.serving.textstream import TextStream
+from minimax_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: at most `max_tokens` tokens; temperature 0 is greedy; top_k 0 and top_p 1
+    are off; `seed` None draws one; generation stops at EOS or at any of `stop`; `logprobs` None
+    returns none, n >= 0 returns the chosen token's logprob and the n most likely alternatives."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One generated token: its id, its logprob, and the most likely (id, logprob) alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
+class Output:
+    """What a request produced since its last output. `finish_reason` is None while it runs,
+    then "stop" (EOS or a stop string), "length" (max_tokens), "abort" or "error" (see `error`)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    on_output: Callable[[Output], None]
+    stream: TextStream
+    arrival: float
+    slot: int | None = None
+    fed: int = 0  # prompt tokens prefilled so far
+    generated: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False  # finished; its slot is free
+
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.prompt)
+
+    def sampling_row(self) -> tuple[int, int, float, float, int]:
+        p = self.params
+        return self.seed, len(self.generated), p.temperature, p.top_p, p.top_k
+
+
+class Engine:
+    """Continuous batching of `max_batch` slots of up to `max_context` tokens (prompt plus
+    generated) each; prompts are prefilled `prefill_chunk` tokens at a time.
+
+    Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
+    on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
+    """
+
+    def __init__(self, model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 8,
+                 max_context: int = 2048, prefill_chunk: int = 64, metrics: Metrics | None = None):
+        cfg = model.config
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if not 2 <= max_context <= cfg.max_position_embeddings:
+            raise ValueError(f"max_context must be in [2, max_position_embeddings = "
+                             f"{cfg.max_position_embeddings}], got {max_context}")
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
+        self.tokenizer, self.vocab_size = tokenizer, cfg.vocab_size
+        self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
+        # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
+        self.steps = Steps(model, slots=max_batch, cache_length=max_context + prefill_chunk - 1,
+                           chunk=prefill_chunk)
+        self.metrics = metrics or Metrics()
+        self._cond = threading.Condition()
+        self._incoming: list[_Request] = []
+        self._aborts: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._slots: list[_Request | None] = [None] * max_batch
+
+    # ----- any thread ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="minimax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a request (empty or too long prompt,
+        ids out of the vocabulary, settings out of range)."""
+        params.check()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_context} tokens; the request "
+                f"has {len(prompt)} prompt tokens + max_tokens {params.max_tokens}")
+
+    def submit(self, prompt: list[int], params: SamplingParams,
+               on_output: Callable[[Output], None]) -> str:
+        """Queue a request (checked first, see `check`); returns its id. `on_output` is called on
+        the engine thread with every `Output`; the last one has a finish_reason."""
+        self.check(prompt, params)
+        seed = random.getrandbits(32) if params.seed is None else params.seed
+        request = _Request(f"req-{next(self._ids)}", list(prompt), params, seed, on_output,
+                           TextStream(self.tokenizer, params.stop), time.monotonic())
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            self._incoming.append(request)
+            self._cond.notify()
+        self.metrics.add_prompt(len(prompt))
+        return request.id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (its client went away); its slot is freed on the next iteration."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def generate(self, prompt: list[int], params: SamplingParams, timeout: float = 600) -> Output:
+        """Submit and wait: all outputs of one request merged into one (blocking)."""
+        done = threading.Event()
+        parts: list[Output] = []
+
+        def collect(out: Output) -> None:
+            parts.append(out)
+            if out.finish_reason is not None:
+                done.set()
+
+        self.submit(prompt, params, collect)
+        if not done.wait(timeout):
+            raise TimeoutError(f"no result within {timeout} s")
+        return merge_outputs(parts)
+
+    # ----- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._incoming or self._aborts or self._waiting
+                           or any(self._slots)):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                aborts, self._aborts = self._aborts, set()
+            self._apply_aborts(aborts)
+            self._admit()
+            self._prefill_step()
+            self._decode_step()
+            self._publish_load()
+        with self._cond:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        for request in [*self._waiting, *filter(None, self._slots)]:
+            self._finish(request, "abort")
+
+    def _publish_load(self) -> None:
+        with self._cond:
+            queued = len(self._waiting) + len(self._incoming)
+        self.metrics.set_load(queued, sum(r is not None for r in self._slots))
+
+    def _apply_aborts(self, ids: set[str]) -> None:
+        for request in [r for r in [*self._waiting, *self._slots] if r is not None and r.id in ids]:
+            self._finish(request, "abort")
+
+    def _admit(self) -> None:
+        for slot in range(self.max_batch):
+            if not self._waiting:
+                return
+            if self._slots[slot] is None:
+                request = self._waiting.popleft()
+                self.steps.reset(slot)
+                request.slot, self._slots[slot] = slot, request
+
+    def _prefill_step(self) -> None:
+        reading = [r for r in self._slots if r is not None and not r.decoding]
+        if not reading:
+            return
+        request = min(reading, key=lambda r: r.arrival)
+        prompt, c = request.prompt, self.chunk
+        if request.fed == 0:  # the first chunk takes the remainder, left-padded; the rest are full
+            n = len(prompt) - (len(prompt) - 1) // c * c
+            tokens, mask = [0] * (c - n) + prompt[:n], [0] * (c - n) + [1] * n
+        else:
+            n = c
+            tokens, mask = prompt[request.fed:request.fed + c], [1] * c
+        try:
+            out = self.steps.prefill(request.slot, np.asarray(tokens, np.int32),
+                                     np.asarray(mask, np.int32), SamplingBatch.of([request.sampling_row()]))
+            request.fed += n
+            sampled = _to_host(out) if request.decoding else None
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the loop
+            self._step_failed([request], exc)
+            return
+        if sampled is not None:
+            self._accept(request, sampled, 0)
+
+    def _decode_step(self) -> None:
+        rows = [r if r is not None and r.decoding and r.generated else None for r in self._slots]
+        running = [r for r in rows if r is not None]
+        if not running:
+            return
+        tokens = np.asarray([r.generated[-1] if r else 0 for r in rows], np.int32)
+        active = np.asarray([r is not None for r in rows])
+        sampling = SamplingBatch.of([r.sampling_row() if r else (0, 0, 0.0, 1.0, 0) for r in rows])
+        try:
+            sampled = _to_host(self.steps.decode(tokens, active, sampling))
+        except Exception as exc:  # noqa: BLE001
+            self._step_failed(running, exc)
+            return
+        for request in running:
+            self._accept(request, sampled, request.slot)
+
+    def _accept(self, request: _Request, sampled: Sampled, row: int) -> None:
+        """Record the token sampled for `request` (row `row` of `sampled`) and send its output."""
+        try:
+            token = int(sampled.token[row])
+            now = time.monotonic()
+            if not request.generated:
+                self.metrics.observe_ttft(now - request.arrival)
+            self.metrics.add_tokens(1, now)
+            request.generated.append(token)
+            finish = None
+            if token == self.tokenizer.eos_token_id:
+                text, finish = request.stream.flush(), "stop"
+            else:
+                text, hit = request.stream.push(token)
+                if hit:
+                    finish = "stop"
+                elif len(request.generated) >= request.params.max_tokens:
+                    text, finish = text + request.stream.flush(), "length"
+            logprobs = []
+            if request.params.logprobs is not None:
+                k = request.params.logprobs
+                top = list(zip(sampled.top_ids[row, :k].tolist(), sampled.top_logprobs[row, :k].tolist()))
+                logprobs = [TokenLogprob(token, float(sampled.logprob[row]), top)]
+            request.on_output(Output(request.id, text, [token], logprobs, finish,
+                                       len(request.prompt), len(request.generated)))
+            if finish is not None:
+                self._release(request, finish)
+        except Exception as exc:  # noqa: BLE001 - fail this request only
+            self._fail(request, exc)
+
+    def _step_failed(self, requests: list[_Request], exc: Exception) -> None:
+        """A device step raised: fail the requests it served; if it consumed the cache, every
+        request in a slot loses its state, so fail those too and start from an empty cache."""
+        log.error("engine step failed: %s", "".join(traceback.format_exception(exc)))
+        if not self.steps.cache_alive():
+            self.steps.rebuild()
+            requests = [r for r in self._slots if r is not None]
+        for request in requests:
+            self._fail(request, exc)
+
+    def _fail(self, request: _Request, exc: Exception) -> None:
+        log.error("request %s failed: %r", request.id, exc)
+        self._finish(request, "error", f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+        """End a request that did not end through `_accept`: tell its client, free its slot."""
+        if request.done:
+            return
+        try:
+            request.on_output(Output(request.id, "", [], [], reason, len(request.prompt),
+                                     len(request.generated), error))
+        except Exception:  # noqa: BLE001 - the client's callback failing must not stop the loop
+            log.exception("output callback of %s failed", request.id)
+        self._release(request, reason)
+
+    def _release(self, request: _Request, reason: str) -> None:
+        request.done = True
+        if request.slot is not None and self._slots[request.slot] is request:
+            self._slots[request.slot] = None
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        request.slot = None
+        self.metrics.add_finished(reason)
+
+
+def _to_host(sampled: Sampled) -> Sampled:
+    """Device arrays -> numpy (one transfer per step)."""
+    return Sampled(*(np.asarray(x) for x in (sampled.token, sampled.logprob, sampled.top_ids,
+                                                sampled.top_logprobs)))
+
+
+def merge_outputs(parts: list[Output]) -> Output:
+    """The outputs of one request, in order, as one `Output` (text and tokens concatenated)."""
+    last = parts[-1]
+    return Output(last.request_id, "".join(p.text for p in parts),
+                  [t for p in parts for t in p.token_ids], [lp for p in parts for lp in p.logprobs],
+                  last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)

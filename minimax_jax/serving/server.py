@@ -1,0 +1,69 @@
+"""Putting a server together: model + tokenizer + engine + app, and running uvicorn (blocking,
+or on a background thread for tests and benchmarks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.serving.api import create_app
+from minimax_jax.serving.chat import ChatTemplate
+from minimax_jax.serving.engine import Engine, SamplingParams
+from minimax_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Served:
+    """A started engine and the app serving it; `close()` stops the engine."""
+
+    engine: Engine
+    app: FastAPI
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
+          checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
+          prefill_chunk: int = 256) -> Served:
+    """Engine (started and warmed up: every step compiled) + app. The chat template comes from
+    `checkpoint_dir`'s tokenizer files when it has one, else MiniMax's default format."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
+                    prefill_chunk=prefill_chunk)
+    engine.start()
+    engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # compile every step
+    app = create_app(engine, tokenizer, model_name=model_name,
+                     chat_template=ChatTemplate.from_dir(checkpoint_dir))
+    return Served(engine, app)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a daemon thread; `port` 0 picks a free one (see `.port`)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+            time.sleep(0.02)
+        self.host = host
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and wait for it."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,71 @@
+"""The engine's compiled steps over a fixed set of slots (the rows of one `Cache`).
+
+Every step has fixed shapes (slot count, prefill chunk length), so each compiles once:
+- `reset(slot)`: empty a slot for a new request;
+- `prefill(slot, tokens [C], mask [C], sampling)`: append one chunk of a prompt to one slot (the
+  lightning layers carry their float32 state on, the softmax layers append K/V) and sample from
+  the chunk's last position;
+- `decode(tokens [B], active [B], sampling)`: one token for every slot; rows not active keep
+  their cache untouched (slots mid-prefill or free).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.cache import Cache, init_cache, keep_rows, put_row, reset_row, take_row
+from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.serving.sampling import Sampled, SamplingBatch, sample_rows
+
+
+class Steps:
+    """The compiled steps of one model over `slots` rows of `cache_length` K/V slots each.
+
+    The cache lives here and is only touched by these methods (the engine loop's thread).
+    """
+
+    def __init__(self, model: MiniMaxForCausalLM, *, slots: int, cache_length: int, chunk: int):
+        graphdef, self.params = nnx.split(model)
+        self.slots, self.chunk = slots, chunk
+        self.config, self.cache_length = model.config, cache_length
+        self.cache = init_cache(self.config, slots, cache_length)
+
+        def prefill(params, cache: Cache, slot, tokens, mask, sampling: SamplingBatch):
+            model = nnx.merge(graphdef, params)
+            logits, row, _ = model.forward(tokens[None], attention_mask=mask[None],
+                                           cache=take_row(cache, slot))
+            return put_row(cache, slot, row), sample_rows(logits[:, -1], sampling)
+
+        def decode(params, cache: Cache, tokens, active, sampling: SamplingBatch):
+            model = nnx.merge(graphdef, params)
+            logits, new_cache, _ = model.forward(tokens[:, None], cache=cache)
+            return keep_rows(active, new_cache, cache), sample_rows(logits[:, 0], sampling)
+
+        self._reset = jax.jit(reset_row, donate_argnums=0)
+        self._prefill = jax.jit(prefill, donate_argnums=1)
+        self._decode = jax.jit(decode, donate_argnums=1)
+
+    def reset(self, slot: int) -> None:
+        """Empty slot `slot` (zero lightning state, no K/V in use, position 0)."""
+        self.cache = self._reset(self.cache, jnp.int32(slot))
+
+    def prefill(self, slot: int, tokens, mask, sampling: SamplingBatch) -> Sampled:
+        """Append int32 tokens `[C]` (mask `[C]`: 0 = padding, only on the left of a prompt's
+        first chunk) to slot `slot`; returns the sample (batch 1) after the chunk's last token."""
+        self.cache, out = self._prefill(self.params, self.cache, jnp.int32(slot), tokens, mask, sampling)
+        return out
+
+    def decode(self, tokens, active, sampling: SamplingBatch) -> Sampled:
+        """Feed int32 tokens `[B]` to all slots; only rows with active `[B]` keep the new cache."""
+        self.cache, out = self._decode(self.params, self.cache, tokens, active, sampling)
+        return out
+
+    def cache_alive(self) -> bool:
+        """False when a failed step consumed the (donated) cache; `rebuild` then starts over."""
+        return not any(x.is_deleted() for x in jax.tree.leaves(self.cache))
+
+    def rebuild(self) -> None:
+        """A fresh empty cache for all slots (after a step failed and consumed the old one)."""
+        self.cache = init_cache(self.config, self.slots, self.cache_length)
