@@ -33,7 +33,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
-from safetensors import safe_open
 from tqdm import tqdm
 
 from minimax_jax.config import MiniMaxConfig
@@ -52,6 +51,7 @@ ST_DTYPES = {"F64": np.dtype(np.float64), "F32": DTYPES["float32"], "BF16": DTYP
              "F16": DTYPES["float16"]}
 MAX_CHUNK_BYTES = 1 << 28  # zarr chunks of at most 256 MiB
 MAX_LISTED = 20  # problems listed in one error message
+MAX_HEADER_BYTES = 100 << 20
 
 
 class CheckpointError(ValueError):
@@ -81,9 +81,25 @@ def param_shapes(cfg: MiniMaxConfig) -> dict[ParamPath, tuple[int, ...]]:
 
 
 # ----- HF safetensors --------------------------------------------------------------------------
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, file.stat().st_size - 8):
+            raise CheckpointError(f"{file}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
 class HFReader:
     """The tensors of an HF directory: name -> file, shape, dtype from the safetensors headers
-    (guided by `model.safetensors.index.json` when present); data read one tensor at a time."""
+    (guided by `model.safetensors.index.json` when present); data read one tensor at a time.
+
+    Data is read with `np.fromfile` at the header's offsets: one copy of the tensor in memory
+    (`safetensors.safe_open(...).get_tensor` peaks at twice that while it maps and copies).
+    """
 
     def __init__(self, hf_dir: Path):
         self.dir = Path(hf_dir)
@@ -98,17 +114,17 @@ class HFReader:
         self.file: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
+        self.offset: dict[str, int] = {}
         problems = []
         for name in files:
             path = self.dir / name
             if not path.is_file():
                 problems.append(f"shard {name} listed in {INDEX_FILE} does not exist")
                 continue
-            with safe_open(path, framework="numpy") as f:
-                for key in f.keys():
-                    view = f.get_slice(key)
-                    self.file[key], self.shape[key] = path, tuple(view.get_shape())
-                    self.dtype[key] = view.get_dtype()
+            start, header = read_safetensors_header(path)
+            for key, info in header.items():
+                self.file[key], self.shape[key] = path, tuple(info["shape"])
+                self.dtype[key], self.offset[key] = info["dtype"], start + info["data_offsets"][0]
         for key, name in (weight_map or {}).items():
             if key not in self.file and (self.dir / name).is_file():
                 problems.append(f"tensor {key} listed in {INDEX_FILE} is not in {name}")
@@ -116,9 +132,14 @@ class HFReader:
             raise report(self.dir, problems)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor `name` in its stored shape and dtype (the shard is mapped only meanwhile)."""
-        with safe_open(self.file[name], framework="numpy") as f:
-            return f.get_tensor(name)
+        """The tensor `name` in its stored shape and dtype (one of ST_DTYPES)."""
+        shape = self.shape[name]
+        with open(self.file[name], "rb") as f:
+            f.seek(self.offset[name])
+            array = np.fromfile(f, dtype=ST_DTYPES[self.dtype[name]], count=math.prod(shape))
+        if array.size != math.prod(shape):
+            raise CheckpointError(f"{self.file[name]}: tensor {name} is truncated")
+        return array.reshape(shape)
 
 
 class HFPlan:
@@ -354,3 +375,29 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
         )
     nnx.update(model, state)
     return model
+
+
+def save_model(model: MiniMaxForCausalLM, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Save a live model as a checkpoint that `load_model` reads (Orbax params, config.json, the
+    tokenizer's file, the completion marker written last). An existing checkpoint at `path` is
+    replaced only once the new one is complete. Returns the path."""
+    out = Path(path).absolute()
+    staging = out.parent / f"{out.name}.new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    with atomic_directory(staging) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((tmp / STATE_DIR).absolute(), nnx.state(model, nnx.Param))
+        checkpointer.wait_until_finished()
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": "save_model"}))
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+    return out

@@ -45,13 +45,14 @@ class Rule:
     split: tuple[int, int, int] | None = None  # (axis, part k, number of parts n)
 
     def to_ours(self, hf: np.ndarray, block_shape: tuple[int, ...]) -> np.ndarray:
-        """HF tensor (its full shape) -> the block of our parameter, shape `block_shape`."""
+        """HF tensor (its full shape) -> the block of our parameter, shape `block_shape` (a view
+        of `hf` when the layout allows: no copy is made here)."""
         if self.split is not None:
             axis, k, n = self.split
             size = hf.shape[axis] // n
             hf = hf[(slice(None),) * axis + (slice(k * size, (k + 1) * size),)]
         x = hf.swapaxes(-1, -2) if self.transpose else hf
-        return np.ascontiguousarray(x).reshape(block_shape)
+        return x.reshape(block_shape)
 
     def to_hf(self, block: np.ndarray, cfg: MiniMaxConfig) -> np.ndarray:
         """Block of our parameter -> the HF tensor (only for rules without `split`)."""
