@@ -90,6 +90,13 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
             raise CheckpointError(f"{file}: not a safetensors file (header length {n})")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
+    data_bytes = file.stat().st_size - 8 - n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = ST_DTYPES.get(info["dtype"])
+        if end > data_bytes or (dtype is not None and end - begin != math.prod(info["shape"]) * dtype.itemsize):
+            raise CheckpointError(f"{file}: tensor {name} has data offsets {[begin, end]} that do not fit "
+                                  f"its shape {info['shape']} / dtype {info['dtype']} or the file")
     return 8 + n, header
 
 
@@ -136,10 +143,7 @@ class HFReader:
         shape = self.shape[name]
         with open(self.file[name], "rb") as f:
             f.seek(self.offset[name])
-            array = np.fromfile(f, dtype=ST_DTYPES[self.dtype[name]], count=math.prod(shape))
-        if array.size != math.prod(shape):
-            raise CheckpointError(f"{self.file[name]}: tensor {name} is truncated")
-        return array.reshape(shape)
+            return np.fromfile(f, dtype=ST_DTYPES[self.dtype[name]], count=math.prod(shape)).reshape(shape)
 
 
 class HFPlan:

@@ -274,6 +274,15 @@ def test_mapping_errors_are_reported_together(dirs, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_truncated_shard_is_an_error(dirs, tmp_path):
+    bad = tmp_path / "truncated"
+    shutil.copytree(dirs["remote"], bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor .* do not fit"):
+        load_model(bad)
+
+
 def test_orbax_checkpoint_not_matching_its_config_is_an_error(dirs, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(dirs["ckpt"], ckpt)
