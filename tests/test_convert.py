@@ -117,9 +117,12 @@ def test_remote_layout_is_what_save_pretrained_writes(dirs):
 
 
 @pytest.mark.parametrize("layout", [REMOTE, NATIVE])
-def test_table_fills_every_param_block_exactly_once(layout):
-    cfg = MiniMaxConfig.from_hf_config(hf_config().to_dict())
+@pytest.mark.parametrize("size", ["tiny", "Text-01"])
+def test_table_fills_every_param_block_exactly_once(layout, size):
+    cfg = MiniMaxConfig.from_hf_config(hf_config().to_dict()) if size == "tiny" else MiniMaxConfig()
     shapes = param_shapes(cfg)
+    if size == "Text-01" and layout == REMOTE:  # spec §9.4: 80 layers x 103 keys + 3
+        assert len(expected_entries(cfg, layout)) == 8243
     filled = {}
     for entries in expected_entries(cfg, layout).values():
         for e in entries:
