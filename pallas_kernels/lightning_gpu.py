@@ -35,6 +35,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 CHUNK = 64  # tokens per chunk (one wgmma M tile)
 SLAB = 64  # value columns per compute warpgroup
+STAGES = 3  # chunks of a, b, c in flight
 
 
 def no_reset(reverse: bool) -> int:
@@ -55,14 +56,16 @@ def _transforms():
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _matmul(a, b, shape):
-  """float32 ``a @ b`` on the tensor cores (wgmma): a from shared memory or registers, b from shared memory."""
+def _matmuls(*ops):
+  """float32 products ``a @ b`` for ops of (a, b, shape), operands in shared memory: all wgmmas are
+  issued before the first result is awaited, so independent products overlap."""
 
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
+  def run(*accs):
+    for acc, (a, b, _) in zip(accs, ops):
+      plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
 
-  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+  return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for _, _, shape in ops])
 
 
 def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: ScanConfig):
@@ -90,7 +93,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
     lim_ref = refs.pop(0) if cfg.segments else None
     o_ref = None if cfg.state_only else refs.pop(0)
     sf_ref = refs.pop(0)
-    s_smem, cd_smem, p_smem, o_smem = refs
+    s_smem, pc_smem, o_smem = refs
 
     row = lax.axis_index("rows")
     head = lax.axis_index("heads")
@@ -134,47 +137,43 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
         k_decay = jnp.where(key_live, k_decay, 0.0)
         s_decay = jnp.where(lim_last == none, s_decay, 0.0)
 
+      # Shared-memory operands of this step: S_in (input dtype) and the decayed value slab.
       if not cfg.state_only:
-        # inter: (dq_i a_i) S_in, with S_in rounded to the input dtype for the tensor cores
         s_smem[wg] = state.astype(dtype)
-        plgpu.commit_smem()
-
-        out = _matmul(a_t, s_smem.at[wg], (CHUNK, SLAB))
-        q_steps = jnp.maximum(real - rows_c, 0) if cfg.reverse else rows_c + 1
-        q_decay = decay(q_steps)
-        if cfg.segments:
-          lim_rows = plgpu.load(lim_t, layout=wgmma_layout.reduce(1))
-          lim_qs = lax.broadcast_in_dim(lim_rows, (CHUNK, SLAB), [0])
-          q_decay = jnp.where(lim_qs == none, q_decay, 0.0)
-        out = out * q_decay
-
-        # intra: masked decayed scores (a b^T) times c
-        scores = _matmul(a_t, b_t.T, (CHUNK, CHUNK))
-        qi = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
-        kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
-        dist = kj - qi if cfg.reverse else qi - kj
-        mask = dist >= 0
-        if cfg.segments:
-          lim_qk = lax.broadcast_in_dim(lim_rows, (CHUNK, CHUNK), [0])
-          in_segment = kj < lim_qk if cfg.reverse else kj >= lim_qk
-          mask = mask & in_segment
-        scores = jnp.where(mask, scores * decay(jnp.maximum(dist, 0)), 0.0)
-
-        p_smem[wg] = scores.astype(dtype)
-        plgpu.commit_smem()
-        out = out + _matmul(p_smem.at[wg], c_t.at[:, cols], (CHUNK, SLAB))
-        slot = step % 2
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        o_smem[wg, slot] = out.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            o_smem.at[wg, slot], o_ref.at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols])
-
-      # state update: S = ds S + (b)^T (dk * c)
       c_slab = plgpu.load(c_t.at[:, cols], layout=wgmma_layout).astype(f32)
-      cd_smem[wg] = (c_slab * k_decay).astype(dtype)
+      pc_smem[wg] = (c_slab * k_decay).astype(dtype)
       plgpu.commit_smem()
-      return state * s_decay + _matmul(b_t.T, cd_smem.at[wg], (d, SLAB))
+      # S_out = ds S_in + b^T (dk * c); in the same wgmma batch: a S_in (inter) and a b^T (scores).
+      if cfg.state_only:
+        (update,) = _matmuls((b_t.T, pc_smem.at[wg], (d, SLAB)))
+        return state * s_decay + update
+      update, inter, scores = _matmuls((b_t.T, pc_smem.at[wg], (d, SLAB)),
+                                       (a_t, s_smem.at[wg], (CHUNK, SLAB)),
+                                       (a_t, b_t.T, (CHUNK, CHUNK)))
+      q_steps = jnp.maximum(real - rows_c, 0) if cfg.reverse else rows_c + 1
+      q_decay = decay(q_steps)
+      qi = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
+      kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
+      dist = kj - qi if cfg.reverse else qi - kj
+      mask = dist >= 0
+      if cfg.segments:
+        lim_rows = plgpu.load(lim_t, layout=wgmma_layout.reduce(1))
+        lim_qs = lax.broadcast_in_dim(lim_rows, (CHUNK, SLAB), [0])
+        q_decay = jnp.where(lim_qs == none, q_decay, 0.0)
+        lim_qk = lax.broadcast_in_dim(lim_rows, (CHUNK, CHUNK), [0])
+        mask = mask & (kj < lim_qk if cfg.reverse else kj >= lim_qk)
+      scores = jnp.where(mask, scores * decay(jnp.maximum(dist, 0)), 0.0)
+      pc_smem[wg] = scores.astype(dtype)  # the update wgmma that read this buffer has completed
+      plgpu.commit_smem()
+      (intra,) = _matmuls((pc_smem.at[wg], c_t.at[:, cols], (CHUNK, SLAB)))
+      out = inter * q_decay + intra
+      slot = step % 2
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      o_smem[wg, slot] = out.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          o_smem.at[wg, slot], o_ref.at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols])
+      return state * s_decay + update
 
     def index(i):
       return (nchunks - 1 - i if cfg.reverse else i, 0)
@@ -188,7 +187,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
         grid=(nchunks,),
         memory_registers=40,
         in_specs=specs,
-        max_concurrent_steps=2,
+        max_concurrent_steps=min(STAGES, nchunks),
         wg_axis="wg",
         num_compute_wgs=nwg,
         compute_context=compute_thread,
@@ -203,8 +202,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
   out_type = [state_type] if cfg.state_only else [jax.ShapeDtypeStruct(b.shape, dtype), state_type]
   scratch = [
       plgpu.SMEM((nwg, d, SLAB), dtype, transforms=_transforms()),
-      plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),
-      plgpu.SMEM((nwg, CHUNK, CHUNK), dtype, transforms=_transforms()),
+      plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),  # decayed c, then scores
       plgpu.SMEM((nwg, 2, CHUNK, SLAB), dtype, transforms=_transforms()),
   ]
   interpret = None
@@ -264,6 +262,31 @@ def num_pieces(batch: int, heads: int, nchunks: int, target_programs: int) -> in
   return pieces
 
 
+def combine_pieces(deltas, n_real, cut, slopes, s0):
+  """State entering each piece, in processing order, as one matrix product over pieces.
+
+  deltas float32 ``[B, P, H, D, D]``: each piece's final state from a zero state; n_real int ``[P]``
+  tokens per piece; cut bool ``[B, P]``: a segment start inside the piece (its entering state does
+  not survive it); s0 ``[B, H, D, D]`` or None. Piece p enters with
+  sum_{p' < p} W[p, p'] deltas[p'] + w0[p] s0, where W decays through the pieces in between
+  (exp of a non-positive token count) and is zero across a cut.
+  """
+  pieces = n_real.shape[0]
+  before = jnp.cumsum(n_real) - n_real  # tokens before piece p
+  cuts_before = jnp.cumsum(cut, axis=1) - cut  # [B, P]
+  p_idx = jnp.arange(pieces)
+  gap = (before[:, None] - (before + n_real)[None, :]).astype(jnp.float32)  # tokens strictly between
+  live = (p_idx[None, :] < p_idx[:, None])[None] & (
+      cuts_before[:, :, None] == (cuts_before + cut)[:, None, :])  # [B, P, P']
+  w = jnp.where(live[:, None], jnp.exp(-slopes[None, :, None, None] * jnp.maximum(gap, 0.0)), 0.0)
+  entering = jnp.einsum("bhpq,bqhkv->bphkv", w, deltas, precision=lax.Precision.HIGHEST)
+  if s0 is not None:
+    w0 = jnp.where((cuts_before == 0)[:, None, :],
+                   jnp.exp(-slopes[None, :, None] * before[None, None, :].astype(jnp.float32)), 0.0)
+    entering = entering + jnp.moveaxis(w0, 1, 2)[..., None, None] * s0[:, None]
+  return entering
+
+
 @functools.partial(jax.jit, static_argnames=("reverse", "length", "pieces", "interpret"))
 def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int,
          interpret: bool = False):
@@ -295,21 +318,17 @@ def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int
   _, deltas = call(True, None, None)
   deltas = deltas.reshape(bsz, pieces, h, d, d)
   n_real = jnp.clip(length - jnp.arange(pieces) * lp, 0, lp)
-  through = jnp.exp(-slopes[None, :] * n_real[:, None].astype(jnp.float32))  # [P, H]
-  through = jnp.broadcast_to(through[None], (bsz, pieces, h))
   if segments:
     span = resets[:, 1:] if reverse else resets[:, :-1]
     cut = jnp.any(span.reshape(bsz, pieces, lp), axis=2)
-    through = jnp.where(cut[..., None], 0.0, through)
-  init = jnp.zeros((bsz, h, d, d), jnp.float32) if s0 is None else s0
-
-  def combine(state, x):
-    delta, keep = x
-    return keep[..., None, None] * state + delta, state
-
-  xs = (jnp.moveaxis(deltas, 1, 0), jnp.moveaxis(through, 1, 0))
-  _, entering = lax.scan(combine, init, xs, reverse=reverse)
-  entering = jnp.moveaxis(entering, 0, 1).reshape(bsz * pieces, h, d, d)
+  else:
+    cut = jnp.zeros((bsz, pieces), jnp.bool_)
+  if reverse:  # combine in processing order
+    deltas, n_real, cut = deltas[:, ::-1], n_real[::-1], cut[:, ::-1]
+  entering = combine_pieces(deltas, n_real, cut, slopes, s0)
+  if reverse:
+    entering = entering[:, ::-1]
+  entering = entering.reshape(bsz * pieces, h, d, d)
   out, finals = call(False, entering, rows(a))
   finals = finals.reshape(bsz, pieces, h, d, d)
   return out.reshape(b.shape), finals[:, 0 if reverse else -1]

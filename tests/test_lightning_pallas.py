@@ -72,10 +72,10 @@ def check_against_float64(rng, b, t, slopes, d, dtype, segments, initial_state):
 
 
 def test_segments_initial_state_pieces(rng, monkeypatch):
-  """T = 200 (not a multiple of the 64-token chunk), two pieces of two chunks per row."""
+  """T = 520 (not a multiple of the 64-token chunk): three pieces of three chunks per row."""
   monkeypatch.setattr(lightning_gpu, "TARGET_PROGRAMS", 12)
-  assert lightning_gpu.num_pieces(2, 3, 4, lightning_gpu.TARGET_PROGRAMS) == 2
-  check_against_float64(rng, b=2, t=200, slopes=SLOPES[[0, 1, 3]], d=64, dtype=jnp.bfloat16,
+  assert lightning_gpu.num_pieces(2, 3, 9, lightning_gpu.TARGET_PROGRAMS) == 3
+  check_against_float64(rng, b=2, t=520, slopes=SLOPES[[0, 1, 2]], d=64, dtype=jnp.bfloat16,
                         segments=True, initial_state=True)
 
 
@@ -115,3 +115,24 @@ def test_pallas_falls_back_for_unsupported_calls(rng):
   o_c, state_c = lightning_attention(q, k, v, slopes, impl="chunked")
   np.testing.assert_array_equal(np.asarray(o), np.asarray(o_c))
   np.testing.assert_array_equal(np.asarray(state), np.asarray(state_c))
+
+
+def test_combine_pieces_matches_sequential_recurrence(rng):
+  """The matrix form of the piece combination equals S_{p+1} = [no cut] lam^n_p S_p + delta_p."""
+  b, p, h, d = 2, 5, 3, 4
+  deltas = rng.normal(size=(b, p, h, d, d))
+  n_real = np.array([7, 7, 7, 7, 3])
+  cut = rng.random((b, p)) < 0.3
+  slopes = np.array([0.9, 0.05, 1e-4])
+  s0 = rng.normal(size=(b, h, d, d))
+  got = lightning_gpu.combine_pieces(jnp.asarray(deltas, jnp.float32), jnp.asarray(n_real),
+                                     jnp.asarray(cut), jnp.asarray(slopes, jnp.float32),
+                                     jnp.asarray(s0, jnp.float32))
+  expected = np.zeros_like(deltas)
+  for row in range(b):
+    state = s0[row]
+    for piece in range(p):
+      expected[row, piece] = state
+      keep = 0.0 if cut[row, piece] else 1.0
+      state = keep * np.exp(-slopes * n_real[piece])[:, None, None] * state + deltas[row, piece]
+  assert rel_err(got, expected) < 1e-6
