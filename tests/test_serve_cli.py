@@ -1,0 +1,68 @@
+"""`python serve.py` as a process: serves a saved checkpoint on loopback; without one it says in
+one line how to make one."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from flax import nnx
+
+from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
+from minimax_jax.checkpoint import save_model
+from minimax_jax.tokenizer import ByteTokenizer
+
+SERVE = Path(__file__).resolve().parents[1] / "serve.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path):
+    r = subprocess.run([sys.executable, str(SERVE)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: no checkpoint at runs/tiny/model; train one with "
+        "`python train.py --config configs/tiny.yaml`, or pass --checkpoint DIR"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model = MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny-ckpt", tokenizer=ByteTokenizer())
+
+
+def test_serves_a_saved_checkpoint(checkpoint):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch", "4",
+         "--max-context", "64", "--prefill-chunk", "16"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-ckpt"]
+        r = client.completions.create(model="tiny-ckpt", prompt="Hi", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3 or r.choices[0].finish_reason == "stop"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
