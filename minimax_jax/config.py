@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -144,7 +145,7 @@ class MiniMaxConfig:
             raise ConfigError(
                 f"unknown config key(s) {unknown}; valid keys: {sorted(cls.field_names())}"
             )
-        return cls(**values)
+        return cls(**coerce_fields(cls, values))
 
     def replace(self, **changes: Any) -> "MiniMaxConfig":
         return self.from_dict({**self.to_dict(), **changes})
@@ -292,6 +293,28 @@ class MiniMaxConfig:
             "initializer_range": self.initializer_range,
             "torch_dtype": self.param_dtype,
         }
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check each value against the dataclass field's type, converting where YAML is loose
+    (`1e-3` reads as a string, `3` where a float is meant); a wrong type is a ConfigError."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        kind = hints[key]
+        try:
+            if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                value = float(value)
+            elif kind is int and isinstance(value, str):
+                value = int(value)
+            elif kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+        if kind in (int, bool) and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}")
+        out[key] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Training: config, Grain data pipeline, optimizer, jitted step, checkpoints, metrics, loop."""

@@ -1,0 +1,89 @@
+"""Training configuration: a YAML file with a `model:` section and training keys, plus
+`key=value` overrides (`steps=100`, `model.hidden_size=128`); unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable
+
+from minimax_jax.config import ConfigError, MiniMaxConfig, coerce_fields, parse_overrides, read_yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `train.py` needs besides the model architecture.
+
+    Data: `data` is a list of files or directories (.txt/.md/.py text, .jsonl with a `text` field,
+    .parquet with a `text` column); empty means the running interpreter's standard-library sources.
+    `tokenizer`: None for bytes, or a local tokenizer.json. Rows of `seq_len` tokens are packed
+    with segment ids; `val_fraction` of the documents are held out.
+    """
+
+    run_dir: str = "runs/tiny"
+    data: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    val_fraction: float = 0.02
+    steps: int = 1000
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_dir: str | None = None
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    resume: bool = True
+    init_from: str | None = None
+    max_bad_steps: int = 5
+    mesh: dict[str, int] | None = None
+    sample_prompt: str = "def "
+    sample_tokens: int = 120
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", tuple(self.data or ()))
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every",
+                    "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the training checkpoints go (default: `run_dir`/checkpoints)."""
+        return Path(self.checkpoint_dir or Path(self.run_dir) / "checkpoints")
+
+
+def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[TrainConfig, MiniMaxConfig]:
+    """Read a YAML file and apply `key=value` overrides -> (TrainConfig, MiniMaxConfig).
+
+    Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`.
+    """
+    raw = read_yaml(path)
+    train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
+    valid = train_keys + [f"model.{k}" for k in MiniMaxConfig.field_names()]
+    unknown = sorted(set(raw) - set(train_keys) - {"model"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
+    train = {k: v for k, v in raw.items() if k != "model"}
+    model = dict(raw.get("model") or {})
+    for key, value in parse_overrides(overrides, valid).items():
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = value
+        else:
+            train[key] = value
+    return TrainConfig(**coerce_fields(TrainConfig, train)), MiniMaxConfig.from_mapping(model)

@@ -1,0 +1,163 @@
+"""The Grain input pipeline: local documents -> tokens -> packed rows with segment ids -> batches.
+
+Documents come from text files (one file, one document), .jsonl (one `text` field per line) and
+.parquet (a `text` column). Each document becomes BOS + tokens + EOS. Rows of `seq_len + 1` tokens
+are cut from the concatenated stream (a document may continue in the next row); segment ids keep
+documents apart (the softmax mask and the lightning-state reset). The iterator is deterministic
+and its state is a small JSON-able dict that goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from minimax_jax.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+
+
+def default_corpus() -> list[Path]:
+    """The running interpreter's standard-library Python sources (present on every machine)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def find_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and directories into the sorted list of document files they hold."""
+    if not paths:
+        return default_corpus()
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()))
+        elif p.is_file():
+            if p.suffix not in SUFFIXES:
+                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; supported: {list(SUFFIXES)}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"data path not found: {p}")
+    if not files:
+        raise ValueError(f"no data files ({', '.join(SUFFIXES)}) under {[str(p) for p in paths]}")
+    return files
+
+
+class DocumentSource:
+    """Random access to documents: (file, locator) pairs indexed once at start-up.
+
+    Implements grain's RandomAccessDataSource protocol (`__len__`, `__getitem__` -> str).
+    """
+
+    def __init__(self, files: Sequence[Path]):
+        self._docs: list[tuple[Path, int]] = []
+        for f in files:
+            if f.suffix == ".jsonl":
+                with f.open("rb") as fh:
+                    offset = 0
+                    for line in fh:
+                        if line.strip():
+                            self._docs.append((f, offset))
+                        offset += len(line)
+            elif f.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                self._docs.extend((f, i) for i in range(pq.ParquetFile(f).metadata.num_rows))
+            else:
+                self._docs.append((f, 0))
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, index: int) -> str:
+        path, loc = self._docs[index]
+        if path.suffix == ".jsonl":
+            with path.open("rb") as fh:
+                fh.seek(loc)
+                line = fh.readline()
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path} at byte {loc}: expected a JSON object with a string 'text'")
+            return record["text"]
+        if path.suffix == ".parquet":
+            return _parquet_text(path)[loc]
+        return path.read_text(encoding="utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=2)
+def _parquet_text(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["text"])
+    return table.column("text").to_pylist()
+
+
+def split_indices(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic document split -> (train indices, validation indices); both non-empty."""
+    if n < 2:
+        raise ValueError(f"need at least 2 documents for a train/validation split, found {n}")
+    every = max(2, round(1 / val_fraction))
+    idx = np.arange(n)
+    val = idx[idx % every == every // 2]
+    if len(val) == 0:
+        val = idx[-1:]
+    return np.setdiff1d(idx, val), val
+
+
+def _encode(text: str, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text), tokenizer.eos_token_id]
+    return {"tokens": np.asarray(ids, np.int32)}
+
+
+def packed_batches(
+    source: DocumentSource,
+    indices: np.ndarray,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+) -> grain.IterDataset:
+    """Batches of packed rows: {"tokens", "segment_ids", "positions"}, each int32 `[batch, seq_len + 1]`.
+
+    Documents are shuffled per epoch (when `shuffle`) and repeated forever.
+    """
+    ds = grain.MapDataset.range(len(indices)).map(lambda i: source[int(indices[i])])
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None).map(functools.partial(_encode, tokenizer=tokenizer)).to_iter_dataset()
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+    ds = ds.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+                           "positions": r["tokens_positions"]})
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+class DataPipeline:
+    """Train and validation iterators over the same documents, with checkpointable train state."""
+
+    def __init__(self, files: Sequence[Path], tokenizer: Tokenizer, *, seq_len: int,
+                 batch_size: int, val_fraction: float, seed: int):
+        self.source = DocumentSource(files)
+        self.train_idx, self.val_idx = split_indices(len(self.source), val_fraction)
+        common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed)
+        self._train_ds = packed_batches(self.source, self.train_idx, tokenizer, shuffle=True, **common)
+        self._val_ds = packed_batches(self.source, self.val_idx, tokenizer, shuffle=False, **common)
+        self.train: Iterator[dict[str, np.ndarray]] = iter(self._train_ds)
+
+    def validation(self, num_batches: int) -> list[dict[str, np.ndarray]]:
+        """The first `num_batches` validation batches (the same ones every time)."""
+        it = iter(self._val_ds)
+        return [next(it) for _ in range(num_batches)]
+
+    def get_state(self) -> dict[str, Any]:
+        return self.train.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.train.set_state(state)

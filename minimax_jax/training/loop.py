@@ -1,0 +1,201 @@
+"""The training loop behind `train.py`: build, restore, step, evaluate, checkpoint, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minimax_jax.checkpoint import load_model, save_model
+from minimax_jax.config import MiniMaxConfig
+from minimax_jax.generate import generate
+from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.tokenizer import Tokenizer, load_tokenizer
+from minimax_jax.training.checkpointing import TrainCheckpoints, abstract_like
+from minimax_jax.training.config import TrainConfig
+from minimax_jax.training.data import DataPipeline, find_files
+from minimax_jax.training.metrics import MetricsLogger, peak_flops, plot_losses, train_flops_per_token
+from minimax_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from minimax_jax.training.step import TrainState, eval_step, split_batch, train_step
+
+log = logging.getLogger("minimax_jax.training")
+
+# Fields of the model config that describe how to compute, not the architecture: with
+# `init_from`, the architecture comes from the checkpoint and these come from the run's config.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "lightning_impl", "remat", "router_aux_loss_coef")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def unigram_entropy(batches: list[dict[str, np.ndarray]]) -> float:
+    """Entropy (nats) of the validation targets' own unigram distribution: the loss of the best
+    possible unigram model on exactly these tokens."""
+    parts = [split_batch(b) for b in batches]
+    targets = np.concatenate([np.asarray(p["targets"])[np.asarray(p["mask"])] for p in parts])
+    counts = np.bincount(targets).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> MiniMaxForCausalLM:
+    """A fresh model, or the weights of `init_from` (architecture from that checkpoint)."""
+    if tcfg.init_from is None:
+        return MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(tcfg.seed))
+    model = load_model(tcfg.init_from, dtype=mcfg.param_dtype)
+    compute = {k: getattr(mcfg, k) for k in COMPUTE_FIELDS}
+    model.config = model.config.replace(**compute)
+    log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
+    return model
+
+
+def evaluate(params, graphdef, batches) -> float:
+    """Mean validation cross-entropy (nats per target token) over `batches`."""
+    total = count = 0.0
+    for b in batches:
+        s, n = eval_step(params, b, graphdef=graphdef)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def sample_text(model: MiniMaxForCausalLM, tokenizer: Tokenizer, prompt: str, n: int, seed: int) -> str:
+    """Continue `prompt` by `n` tokens (temperature 0.8, top_p 0.95) and return prompt + continuation."""
+    ids = jnp.asarray([[tokenizer.bos_token_id, *tokenizer.encode(prompt)]], jnp.int32)
+    out = generate(model, ids, n, temperature=0.8, top_p=0.95, seed=seed, eos_token_id=tokenizer.eos_token_id)
+    new = [int(t) for t in np.asarray(out[0])]
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return prompt + tokenizer.decode(new)
+
+
+def run(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
+    """Train per the configs; returns a summary (final losses, baseline, paths, throughput)."""
+    run_dir = Path(tcfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = TrainCheckpoints(tcfg.checkpoints, keep=tcfg.keep_checkpoints, save_every=tcfg.save_every)
+    tokenizer = load_tokenizer(tcfg.tokenizer)
+    model = build_model(tcfg, mcfg)
+    mcfg = model.config
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {mcfg.vocab_size}")
+    files = find_files(tcfg.data)
+    data = DataPipeline(files, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+                        val_fraction=tcfg.val_fraction, seed=tcfg.seed)
+    log.info("data: %d documents from %d files (%d held out for validation)",
+             len(data.source), len(files), len(data.val_idx))
+
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(tcfg)
+    schedule = learning_rate_schedule(tcfg)
+    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(tcfg.seed)))
+    skipped = 0
+    restored = checkpoints.restore_latest(abstract_like(state)) if tcfg.resume else None
+    if restored is not None:
+        step0, state, extra = restored
+        data.set_state(extra["data"])
+        skipped = int(extra["skipped_steps"])
+        log.info("resumed from step %d of %s", step0, checkpoints.directory)
+    start = int(state.step)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    log.info("model: %.2fM parameters; training steps %d..%d, %d tokens per step",
+             n_params / 1e6, start, tcfg.steps, tcfg.batch_size * tcfg.seq_len)
+
+    val_batches = data.validation(tcfg.eval_batches)
+    baseline = unigram_entropy(val_batches)
+    flops_tok, peak = train_flops_per_token(mcfg, tcfg.seq_len), peak_flops()
+    aux_coef = mcfg.router_aux_loss_coef
+    logger = MetricsLogger(run_dir, tcfg.steps, start, tcfg.progress)
+    stop = _StopRequest()
+    consecutive_bad, t_last, steps_since = 0, time.perf_counter(), 0
+    val_loss = train_loss = math.nan
+    try:
+        for step in range(start, tcfg.steps):
+            batch = next(data.train)
+            state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                                        grad_accum=tcfg.grad_accum, aux_coef=aux_coef)
+            steps_since += 1
+            logger.advance()
+            if not bool(metrics["finite"]):
+                skipped += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                            step + 1, consecutive_bad)
+                if consecutive_bad >= tcfg.max_bad_steps:
+                    raise NonFiniteLoss(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                        f"(max_bad_steps={tcfg.max_bad_steps}); stopping at step {step + 1}. Lower "
+                        f"learning_rate or check the data; the last good checkpoint is in {checkpoints.directory}"
+                    )
+            else:
+                consecutive_bad = 0
+            done = step + 1
+            record: dict[str, Any] = {}
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                elapsed = time.perf_counter() - t_last
+                tps = steps_since * tcfg.batch_size * tcfg.seq_len / elapsed
+                train_loss = float(metrics["loss"])
+                record.update(loss=train_loss, ce=metrics["ce"], aux_loss=metrics["aux_loss"],
+                              expert_load=metrics["expert_load"], grad_norm=metrics["grad_norm"],
+                              lr=float(schedule(step)), tokens_per_s=tps, skipped_steps=skipped)
+                if peak is not None:
+                    record["mfu"] = tps * flops_tok / peak
+                t_last, steps_since = time.perf_counter(), 0
+            if done % tcfg.eval_every == 0 or done == tcfg.steps:
+                val_loss = evaluate(state.params, graphdef, val_batches)
+                record["val_loss"] = val_loss
+            if record:
+                logger.log(done, record)
+            extra = {"data": data.get_state(), "skipped_steps": skipped}
+            if stop.signal is not None:
+                checkpoints.save(done, state, extra, force=True)
+                checkpoints.wait()
+                log.warning("received signal %d: saved step %d to %s and stopped", stop.signal, done,
+                            checkpoints.directory)
+                break
+            checkpoints.save(done, state, extra, force=done == tcfg.steps)
+    finally:
+        stop.restore()
+        logger.close()
+        checkpoints.close()
+
+    model = nnx.merge(graphdef, state.params)
+    model_dir = run_dir / "model"
+    save_model(model, model_dir, tokenizer=tokenizer)
+    plot = plot_losses(run_dir, baseline)
+    sample_seed = int(jax.random.randint(jax.random.wrap_key_data(state.rng), (), 0, 2**31 - 1))
+    sample = sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+    summary = {"steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss,
+               "unigram_baseline": baseline, "skipped_steps": skipped, "model_dir": str(model_dir),
+               "checkpoints": str(checkpoints.directory), "plot": str(plot), "sample": sample}
+    return summary
+
+
+def config_summary(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
+    """The two configs as one JSON-able mapping (written beside the run's metrics)."""
+    return {"train": dataclasses.asdict(tcfg), "model": mcfg.to_dict()}

@@ -1,0 +1,176 @@
+"""train.py: exact resume after SIGTERM and SIGKILL, fault handling, init_from, grad accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minimax_jax import load_model
+from minimax_jax.config import ConfigError
+from minimax_jax.training.config import load_train_config
+from minimax_jax.training.loop import NonFiniteLoss, run
+from minimax_jax.training.metrics import read_metrics
+from minimax_jax.training.optimizer import make_optimizer
+from minimax_jax.training.step import TrainState, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    words = "the quick brown fox jumps over a lazy dog while seven wizards box".split()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (d / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 60 + 7 * i)))
+    return d
+
+
+def _overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
+    values = dict(run_dir=str(run_dir), data=f"[{corpus}]", seq_len=32, batch_size=4, steps=8,
+                  log_every=1, eval_every=100, eval_batches=1, save_every=2, warmup_steps=2,
+                  sample_tokens=4, progress="false", **{"model.block_size": 8})
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (re-run after a resume) must have logged the same loss."""
+    out: dict[int, float] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if "loss" in r:
+            assert out.setdefault(r["step"], r["loss"]) == r["loss"], f"step {r['step']} differs on re-run"
+    return out
+
+
+def _start(overrides: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "configs/tiny.yaml", *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(metrics)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_resume_after_sigterm_and_sigkill_is_exact(corpus, tmp_path):
+    base = tmp_path / "uninterrupted"
+    run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, base)))
+    want = _losses(base)
+    assert sorted(want) == list(range(1, 9))
+
+    resumed = tmp_path / "resumed"
+    proc = _start(_overrides(corpus, resumed))
+    _wait_for_step(proc, resumed, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "saved step" in out
+    stopped_at = max(_losses(resumed))
+    assert stopped_at < 8
+    assert stopped_at in [int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()]
+
+    proc = _start(_overrides(corpus, resumed))
+    _wait_for_step(proc, resumed, 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    summary = run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, resumed)))
+    assert summary["steps"] == 8
+    got = _losses(resumed)
+    assert got == want  # bitwise: same floats, every step, including the re-run ones
+
+
+def test_corrupt_latest_checkpoint_falls_back(corpus, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, run_dir, steps=4)))
+    want = _losses(run_dir)
+    latest = run_dir / "checkpoints" / "4"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.parent.name != "extra":
+            f.write_bytes(b"garbage")
+    summary = run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, run_dir, steps=4)))
+    assert "trying an older one" in caplog.text
+    assert (run_dir / "checkpoints" / "4.unreadable").is_dir()  # kept aside, not deleted
+    assert summary["steps"] == 4
+    assert _losses(run_dir) == want  # steps 3-4 re-run from the step-2 checkpoint, identically
+
+
+def test_non_finite_loss_stops_after_max_bad_steps(corpus, tmp_path):
+    cfgs = load_train_config(ROOT / "configs/tiny.yaml",
+                             _overrides(corpus, tmp_path / "nan", learning_rate="1.0e30", max_bad_steps=3))
+    with pytest.raises(NonFiniteLoss, match="3 consecutive steps"):
+        run(*cfgs)
+    skipped = [r["skipped_steps"] for r in read_metrics(tmp_path / "nan" / "metrics.jsonl")]
+    assert max(skipped) >= 2
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    run_dir = tmp_path / "run"
+    cfgs = load_train_config(ROOT / "configs/tiny.yaml",
+                             _overrides(corpus, run_dir, checkpoint_dir=str(blocker / "ckpt")))
+    with pytest.raises(PermissionError, match="not writable"):
+        run(*cfgs)
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_init_from_fine_tunes_a_saved_model(corpus, tmp_path):
+    first = tmp_path / "first"
+    run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, first, steps=2)))
+    second = tmp_path / "second"
+    # learning rate 0: fine-tuning must start from exactly the loaded weights and keep them
+    run(*load_train_config(ROOT / "configs/tiny.yaml",
+                           _overrides(corpus, second, steps=1, learning_rate=0.0, init_from=str(first / "model"))))
+    a = nnx.to_flat_state(nnx.state(load_model(first / "model"), nnx.Param))
+    b = dict(nnx.to_flat_state(nnx.state(load_model(second / "model"), nnx.Param)))
+    for path, v in a:
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(b[path][...]), err_msg=str(path))
+
+
+def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
+    tcfg, mcfg = load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, tmp_path))
+    from minimax_jax.model import MiniMaxForCausalLM
+    from minimax_jax.tokenizer import ByteTokenizer
+    from minimax_jax.training.data import DataPipeline, find_files
+
+    data = DataPipeline(find_files([corpus]), ByteTokenizer(), seq_len=32, batch_size=4, val_fraction=0.1, seed=0)
+    batch = next(data.train)
+    graphdef, params = nnx.split(MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(tcfg)
+    results = []
+    for accum in (1, 2):
+        state = TrainState(params=jax.tree.map(jnp.copy, params), opt_state=opt.init(params),
+                           step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
+        new, metrics = train_step(state, batch, graphdef=graphdef, optimizer=opt, grad_accum=accum,
+                                  aux_coef=mcfg.router_aux_loss_coef)
+        results.append((float(metrics["ce"]), float(metrics["grad_norm"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_unknown_override_lists_valid_keys():
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'.*'steps'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["stepz=3"])
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["model.hiden_size=3"])
