@@ -54,20 +54,23 @@ def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int) -> Cache:
 BATCH_AXES = Cache(lightning_state=2, key=2, value=2, kv_mask=0, length=0, next_position=0)
 
 
-def take_row(cache: Cache, row: jax.Array) -> Cache:
-    """Row `row` (int32 scalar, may be traced) of `cache` as a cache of batch 1."""
-    return jax.tree.map(lambda x, axis: jax.lax.dynamic_slice_in_dim(x, row, 1, axis), cache, BATCH_AXES)
+def take_rows(cache: Cache, rows: jax.Array) -> Cache:
+    """Rows `rows` (int32 `[R]`, may be traced) of `cache`, as a cache of batch R."""
+    return jax.tree.map(lambda x, axis: jnp.take(x, rows, axis=axis), cache, BATCH_AXES)
 
 
-def put_row(cache: Cache, row: jax.Array, sub: Cache) -> Cache:
-    """`cache` with row `row` replaced by the batch-1 cache `sub`."""
-    return jax.tree.map(lambda x, s, axis: jax.lax.dynamic_update_slice_in_dim(x, s, row, axis),
-                        cache, sub, BATCH_AXES)
+def put_rows(cache: Cache, rows: jax.Array, sub: Cache) -> Cache:
+    """`cache` with rows `rows` (int32 `[R]`, distinct) replaced by the batch-R cache `sub`."""
+
+    def put(x: jax.Array, s: jax.Array, axis: int) -> jax.Array:
+        return x.at[(slice(None),) * axis + (rows,)].set(s)
+
+    return jax.tree.map(put, cache, sub, BATCH_AXES)
 
 
-def reset_row(cache: Cache, row: jax.Array) -> Cache:
-    """`cache` with row `row` emptied (zero state, no K/V slots in use, position 0)."""
-    return put_row(cache, row, jax.tree.map(lambda x: jnp.zeros_like(x), take_row(cache, row)))
+def reset_rows(cache: Cache, rows: jax.Array) -> Cache:
+    """`cache` with rows `rows` emptied (zero state, no K/V slots in use, position 0)."""
+    return put_rows(cache, rows, jax.tree.map(jnp.zeros_like, take_rows(cache, rows)))
 
 
 def keep_rows(keep: jax.Array, new: Cache, old: Cache) -> Cache:

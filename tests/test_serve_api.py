@@ -193,10 +193,10 @@ def test_a_server_side_failure_in_one_request_spares_the_others(served, client):
     steps = served.engine.steps
     real_prefill = steps.prefill
 
-    def faulty_prefill(slot, tokens, mask, sampling):
-        if bytes(tokens[-4:].tolist()) == b"BOOM":
+    def faulty_prefill(rows, tokens, mask, active, sampling):
+        if any(bytes(row[-4:].tolist()) == b"BOOM" for row in tokens[active]):
             raise RuntimeError("injected failure")
-        return real_prefill(slot, tokens, mask, sampling)
+        return real_prefill(rows, tokens, mask, active, sampling)
 
     prompts = ["fine one", "fine two", "BOOM", "fine three"]
     expected = [greedy_text(served, p, 6) for p in prompts if p != "BOOM"]

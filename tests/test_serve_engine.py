@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
-from minimax_jax.serving.engine import Engine, Output, SamplingParams
+from minimax_jax.serving.engine import Engine, Output, SamplingParams, merge_outputs
 from minimax_jax.serving.sampling import SamplingBatch, sample_rows
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import ByteTokenizer
@@ -46,18 +46,22 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def run_concurrently(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[Output]:
-    results: list[Output | None] = [None] * len(jobs)
+    """Submit every job at once, wait for all; their outputs merged per job."""
+    parts: list[list[Output]] = [[] for _ in jobs]
+    finished = threading.Semaphore(0)
 
-    def work(i: int) -> None:
-        results[i] = engine.generate(*jobs[i], timeout=120)
+    def collector(i: int):
+        def collect(out: Output) -> None:
+            parts[i].append(out)
+            if out.finish_reason is not None:
+                finished.release()
+        return collect
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert all(r is not None for r in results), "a request did not finish"
-    return results
+    for i, (prompt, params) in enumerate(jobs):
+        engine.submit(prompt, params, collector(i))
+    for _ in jobs:
+        assert finished.acquire(timeout=120), "a request did not finish"
+    return [merge_outputs(p) for p in parts]
 
 
 def test_greedy_output_is_the_same_alone_and_batched_with_31_others(engine):
@@ -191,10 +195,10 @@ def test_a_failing_request_does_not_affect_the_others(engine):
     poison = [7, 7, 7, 7]
     real_prefill = engine.steps.prefill
 
-    def faulty_prefill(slot, tokens, mask, sampling):
-        if list(tokens[-4:]) == poison:
+    def faulty_prefill(rows, tokens, mask, active, sampling):
+        if any(list(row[-4:]) == poison for row in tokens[active]):
             raise RuntimeError("injected prefill failure")
-        return real_prefill(slot, tokens, mask, sampling)
+        return real_prefill(rows, tokens, mask, active, sampling)
 
     def broken_callback(out: Output) -> None:
         raise RuntimeError("injected client failure")

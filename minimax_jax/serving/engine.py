@@ -1,8 +1,9 @@
 """The serving engine: one background thread, continuous batching over fixed slots.
 
 Each loop iteration: take new requests and aborts; put waiting requests into free slots; run one
-prefill chunk for the oldest slot still reading its prompt (so a long prompt never stalls the
-others for more than one chunk); run one decode step for every slot that is generating. Outputs
+prefill chunk for each of the (up to `prefill_rows`) oldest slots still reading a prompt (so a
+long prompt never stalls the others for more than one chunk); run one decode step for every slot
+that is generating. Outputs
 go to each request's callback as they are produced. This thread is the only code that touches
 device arrays.
 """
@@ -110,17 +111,20 @@ class _Request:
 
 class Engine:
     """Continuous batching of `max_batch` slots of up to `max_context` tokens (prompt plus
-    generated) each; prompts are prefilled `prefill_chunk` tokens at a time.
+    generated) each; prompts are prefilled `prefill_chunk` tokens at a time, for up to
+    `prefill_rows` prompts per step.
 
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
     """
 
     def __init__(self, model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 8,
-                 max_context: int = 2048, prefill_chunk: int = 64, metrics: Metrics | None = None):
+                 max_context: int = 2048, prefill_chunk: int = 64, prefill_rows: int = 4,
+                 metrics: Metrics | None = None):
         cfg = model.config
-        if max_batch < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if min(max_batch, prefill_chunk, prefill_rows) < 1:
+            raise ValueError(f"max_batch, prefill_chunk and prefill_rows must be >= 1, got {max_batch}, "
+                             f"{prefill_chunk}, {prefill_rows}")
         if not 2 <= max_context <= cfg.max_position_embeddings:
             raise ValueError(f"max_context must be in [2, max_position_embeddings = "
                              f"{cfg.max_position_embeddings}], got {max_context}")
@@ -130,7 +134,7 @@ class Engine:
         self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
         # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
         self.steps = Steps(model, slots=max_batch, cache_length=max_context + prefill_chunk - 1,
-                           chunk=prefill_chunk)
+                           chunk=prefill_chunk, prefill_rows=min(prefill_rows, max_batch))
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._incoming: list[_Request] = []
@@ -254,27 +258,47 @@ class Engine:
                 request.slot, self._slots[slot] = slot, request
 
     def _prefill_step(self) -> None:
-        reading = [r for r in self._slots if r is not None and not r.decoding]
-        if not reading:
+        """One chunk for each of the (up to prefill_rows) oldest slots still reading a prompt."""
+        reading = sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival)
+        batch = reading[:self.steps.prefill_rows]
+        if not batch:
             return
-        request = min(reading, key=lambda r: r.arrival)
-        prompt, c = request.prompt, self.chunk
-        if request.fed == 0:  # the first chunk takes the remainder, left-padded; the rest are full
-            n = len(prompt) - (len(prompt) - 1) // c * c
-            tokens, mask = [0] * (c - n) + prompt[:n], [0] * (c - n) + [1] * n
-        else:
-            n = c
-            tokens, mask = prompt[request.fed:request.fed + c], [1] * c
         try:
-            out = self.steps.prefill(request.slot, np.asarray(tokens, np.int32),
-                                     np.asarray(mask, np.int32), SamplingBatch.of([request.sampling_row()]))
+            self._prefill(batch)
+        except Exception as exc:  # noqa: BLE001 - find the failing request(s), spare the others
+            if len(batch) == 1 or not self.steps.cache_alive():
+                self._step_failed(batch, exc)
+                return
+            for request in batch:
+                try:
+                    self._prefill([request])
+                except Exception as exc:  # noqa: BLE001
+                    self._step_failed([request], exc)
+
+    def _prefill(self, batch: list[_Request]) -> None:
+        """Run one prefill step for `batch` (<= prefill_rows requests in slots); the remaining
+        rows of the fixed-size step are other slots, left untouched."""
+        c, rows_n = self.chunk, self.steps.prefill_rows
+        busy = {r.slot for r in batch}
+        rows = [r.slot for r in batch] + [s for s in range(self.max_batch) if s not in busy][:rows_n - len(batch)]
+        tokens = np.zeros((rows_n, c), np.int32)
+        mask = np.zeros((rows_n, c), np.int32)
+        fed = []
+        for i, request in enumerate(batch):
+            prompt = request.prompt
+            # the first chunk takes the remainder, left-padded; the rest are full
+            n = len(prompt) - (len(prompt) - 1) // c * c if request.fed == 0 else c
+            tokens[i, c - n:] = prompt[request.fed:request.fed + n]
+            mask[i, c - n:] = 1
+            fed.append(n)
+        active = np.arange(rows_n) < len(batch)
+        sampling = SamplingBatch.of([r.sampling_row() for r in batch]
+                                    + [(0, 0, 0.0, 1.0, 0)] * (rows_n - len(batch)))
+        sampled = _to_host(self.steps.prefill(np.asarray(rows, np.int32), tokens, mask, active, sampling))
+        for i, (request, n) in enumerate(zip(batch, fed)):
             request.fed += n
-            sampled = _to_host(out) if request.decoding else None
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the loop
-            self._step_failed([request], exc)
-            return
-        if sampled is not None:
-            self._accept(request, sampled, 0)
+            if request.decoding:
+                self._accept(request, sampled, i)
 
     def _decode_step(self) -> None:
         rows = [r if r is not None and r.decoding and r.generated else None for r in self._slots]

@@ -2,9 +2,10 @@
 
 Every step has fixed shapes (slot count, prefill chunk length), so each compiles once:
 - `reset(slot)`: empty a slot for a new request;
-- `prefill(slot, tokens [C], mask [C], sampling)`: append one chunk of a prompt to one slot (the
-  lightning layers carry their float32 state on, the softmax layers append K/V) and sample from
-  the chunk's last position;
+- `prefill(rows [R], tokens [R, C], mask [R, C], active [R], sampling)`: append one chunk of a
+  prompt to each of R slots (the lightning layers carry their float32 state on, the softmax
+  layers append K/V) and sample from each chunk's last position; inactive rows are left as they
+  were (they fill the R rows when fewer prompts are being read);
 - `decode(tokens [B], active [B], sampling)`: one token for every slot; rows not active keep
   their cache untouched (slots mid-prefill or free).
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimax_jax.cache import Cache, init_cache, keep_rows, put_row, reset_row, take_row
+from minimax_jax.cache import Cache, init_cache, keep_rows, put_rows, reset_rows, take_rows
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.sampling import Sampled, SamplingBatch, sample_rows
 
@@ -26,35 +27,37 @@ class Steps:
     The cache lives here and is only touched by these methods (the engine loop's thread).
     """
 
-    def __init__(self, model: MiniMaxForCausalLM, *, slots: int, cache_length: int, chunk: int):
+    def __init__(self, model: MiniMaxForCausalLM, *, slots: int, cache_length: int, chunk: int,
+                 prefill_rows: int):
         graphdef, self.params = nnx.split(model)
-        self.slots, self.chunk = slots, chunk
+        self.slots, self.chunk, self.prefill_rows = slots, chunk, prefill_rows
         self.config, self.cache_length = model.config, cache_length
         self.cache = init_cache(self.config, slots, cache_length)
 
-        def prefill(params, cache: Cache, slot, tokens, mask, sampling: SamplingBatch):
+        def prefill(params, cache: Cache, rows, tokens, mask, active, sampling: SamplingBatch):
             model = nnx.merge(graphdef, params)
-            logits, row, _ = model.forward(tokens[None], attention_mask=mask[None],
-                                           cache=take_row(cache, slot))
-            return put_row(cache, slot, row), sample_rows(logits[:, -1], sampling)
+            sub = take_rows(cache, rows)
+            logits, new_sub, _ = model.forward(tokens, attention_mask=mask, cache=sub)
+            return put_rows(cache, rows, keep_rows(active, new_sub, sub)), sample_rows(logits[:, -1], sampling)
 
         def decode(params, cache: Cache, tokens, active, sampling: SamplingBatch):
             model = nnx.merge(graphdef, params)
             logits, new_cache, _ = model.forward(tokens[:, None], cache=cache)
             return keep_rows(active, new_cache, cache), sample_rows(logits[:, 0], sampling)
 
-        self._reset = jax.jit(reset_row, donate_argnums=0)
+        self._reset = jax.jit(reset_rows, donate_argnums=0)
         self._prefill = jax.jit(prefill, donate_argnums=1)
         self._decode = jax.jit(decode, donate_argnums=1)
 
     def reset(self, slot: int) -> None:
         """Empty slot `slot` (zero lightning state, no K/V in use, position 0)."""
-        self.cache = self._reset(self.cache, jnp.int32(slot))
+        self.cache = self._reset(self.cache, jnp.asarray([slot], jnp.int32))
 
-    def prefill(self, slot: int, tokens, mask, sampling: SamplingBatch) -> Sampled:
-        """Append int32 tokens `[C]` (mask `[C]`: 0 = padding, only on the left of a prompt's
-        first chunk) to slot `slot`; returns the sample (batch 1) after the chunk's last token."""
-        self.cache, out = self._prefill(self.params, self.cache, jnp.int32(slot), tokens, mask, sampling)
+    def prefill(self, rows, tokens, mask, active, sampling: SamplingBatch) -> Sampled:
+        """Append int32 tokens `[R, C]` (mask `[R, C]`: 0 = padding, only on the left of a prompt's
+        first chunk) to the distinct slots `rows` int32 `[R]` where active bool `[R]`; returns
+        the samples `[R]` after each chunk's last token."""
+        self.cache, out = self._prefill(self.params, self.cache, rows, tokens, mask, active, sampling)
         return out
 
     def decode(self, tokens, active, sampling: SamplingBatch) -> Sampled:
