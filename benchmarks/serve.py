@@ -1,0 +1,151 @@
+"""Time the serving engine: time to first token and decode tokens/s at several batch sizes, and
+the same for Hugging Face transformers' `generate` on the same weights (exported to HF).
+
+    python benchmarks/serve.py --config configs/small.yaml --batches 1 8 64 --hf --out results.json
+
+Random weights (the speed does not depend on them), random prompt ids, greedy, no EOS (every
+request generates exactly --new-tokens). Per batch size b, b requests arrive at once:
+- engine TTFT: mean and max over requests of (first token - submission), one engine of b slots;
+- engine decode tokens/s: tokens produced after the last request's first token, over that time;
+- HF TTFT: `generate(max_new_tokens=1)` on the [b, prompt] batch (best of 3); HF decode tokens/s:
+  b * (new_tokens - 1) / (t(new_tokens) - t(1)). transformers' native MiniMax rotates the whole
+  head (ignores rotary_dim), a negligible difference in work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
+from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
+from minimax_jax.tokenizer import ByteTokenizer  # noqa: E402
+
+
+class NoEosTokenizer(ByteTokenizer):
+    """Byte tokenizer whose EOS never matches, so every request runs to max_tokens."""
+
+    eos_token_id = -1
+
+
+def engine_round(engine: Engine, prompts: np.ndarray, new_tokens: int) -> dict:
+    """Submit every prompt at once; returns TTFT (mean, max) and aggregate decode tokens/s."""
+    b = len(prompts)
+    times: list[list[float]] = [[] for _ in range(b)]
+    done = threading.Semaphore(0)
+
+    def collector(i: int):
+        def collect(out: Output) -> None:
+            times[i].extend([time.perf_counter()] * len(out.token_ids))
+            if out.finish_reason is not None:
+                done.release()
+        return collect
+
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.submit(p.tolist(), SamplingParams(max_tokens=new_tokens, temperature=0.0), collector(i))
+    for _ in range(b):
+        done.acquire()
+    ttft = [t[0] - start for t in times]
+    window_start, end = max(t[0] for t in times), max(t[-1] for t in times)
+    decoded = sum(sum(1 for x in t if x > window_start) for t in times)
+    return {"ttft_mean_s": float(np.mean(ttft)), "ttft_max_s": float(np.max(ttft)),
+            "decode_tokens_per_s": decoded / max(end - window_start, 1e-9),
+            "tokens": sum(map(len, times))}
+
+
+def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    results = {}
+    for b in batches:
+        engine = Engine(model, NoEosTokenizer(), max_batch=b, max_context=prompt_len + new_tokens,
+                        prefill_chunk=chunk, prefill_rows=prefill_rows)
+        engine.start()
+        prompts = rng.integers(0, model.config.vocab_size, (b, prompt_len))
+        t0 = time.perf_counter()
+        engine_round(engine, prompts, 2)  # compile
+        compile_s = time.perf_counter() - t0
+        results[b] = {**engine_round(engine, prompts, new_tokens), "compile_s": compile_s}
+        engine.stop()
+        print(f"engine b={b}: {results[b]}", flush=True)
+    return results
+
+
+def bench_hf(model, batches, prompt_len, new_tokens, seed=0) -> dict:
+    import torch
+    import transformers
+
+    from minimax_jax.checkpoint import save_model
+    from minimax_jax.convert import orbax_to_hf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if model.config.dtype == "bfloat16" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, f"{tmp}/ckpt")
+        orbax_to_hf(f"{tmp}/ckpt", f"{tmp}/hf", dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+                    progress=False)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", dtype=dtype).to(device).eval()
+    rng = np.random.default_rng(seed)
+    results = {}
+
+    def timed(ids, n: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for b in batches:
+        ids = torch.as_tensor(rng.integers(0, model.config.vocab_size, (b, prompt_len)), device=device)
+        timed(ids, 2)  # warm up
+        first = min(timed(ids, 1) for _ in range(3))
+        full = min(timed(ids, new_tokens) for _ in range(2))
+        results[b] = {"ttft_s": first, "decode_tokens_per_s": b * (new_tokens - 1) / max(full - first, 1e-9)}
+        print(f"hf b={b}: {results[b]}", flush=True)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/small.yaml")
+    p.add_argument("--override", nargs="*", default=[], help="config key=value overrides")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefill-rows", type=int, default=8)
+    p.add_argument("--hf", action="store_true", help="also time transformers' generate")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+
+    import jax
+
+    cfg = MiniMaxConfig.from_yaml(args.config, args.override)
+    model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    results = {"device": str(jax.devices()[0].device_kind), "config": args.config, "overrides": args.override,
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "engine": bench_engine(model, args.batches, args.prompt_len, args.new_tokens,
+                                      args.prefill_chunk, args.prefill_rows)}
+    if args.hf:
+        results["hf"] = bench_hf(model, args.batches, args.prompt_len, args.new_tokens)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
