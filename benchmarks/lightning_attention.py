@@ -86,7 +86,12 @@ def check(results: dict) -> None:
         return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(st * w_s), (o, st)
       return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
 
-    grads, (o, st) = loss("pallas", jnp.bfloat16)(q, k, v, s0)
+    try:
+      grads, (o, st) = loss("pallas", jnp.bfloat16)(q, k, v, s0)
+    except Exception as e:  # report and go on to the timings
+      print("check failed:", repr(e)[:2000], flush=True)
+      results.setdefault("check", {})[f"B{b} T{t} H{h}"] = {"failed": repr(e)[:500]}
+      continue
     with jax.enable_x64(True):
       q64, k64, v64 = (x.astype(jnp.float64) for x in (q, k, v))
       f64 = loss("chunked", jnp.float64)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import lightning_gpu
 from pallas_kernels.chunked import lightning_attention_chunked
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
 
-__all__ = ["lightning_attention", "lightning_decode", "IMPLS"]
+__all__ = ["lightning_attention", "lightning_decode", "IMPLS", "grouped_matmul"]
 
 IMPLS = ("auto", "pallas", "chunked", "reference")
 

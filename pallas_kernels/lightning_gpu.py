@@ -84,6 +84,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
   dtype = b.dtype
   f32 = jnp.float32
   wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = wgmma_layout.reduce(1)  # a [CHUNK] vector laid out like the rows of a wgmma tile
 
   def kernel(*refs):
     refs = list(refs)
@@ -93,7 +94,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
     lim_ref = refs.pop(0) if cfg.segments else None
     o_ref = None if cfg.state_only else refs.pop(0)
     sf_ref = refs.pop(0)
-    s_smem, pc_smem, o_smem = refs
+    s_smem, pc_smem, o_smem, mask_smem = refs
 
     row = lax.axis_index("rows")
     head = lax.axis_index("heads")
@@ -107,6 +108,14 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
       return jnp.exp(-slope * n.astype(f32))
 
     def compute_thread(pipeline):
+      # Intra-chunk decay mask lam^|i-j| on the causal side, the same for every chunk: computed once
+      # (each compute warpgroup writes the same values) and read from shared memory per chunk.
+      qi = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
+      kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
+      dist = kj - qi if cfg.reverse else qi - kj
+      if not cfg.state_only:
+        mask_smem[...] = jnp.where(dist >= 0, decay(jnp.maximum(dist, 0)), 0.0)
+        plgpu.commit_smem()
       if cfg.initial_state:
         state = plgpu.load(s0_ref.at[row, head, :, cols], layout=wgmma_layout, optimized=False)
       else:
@@ -125,15 +134,18 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
       (step,) = idx
       chunk = nchunks - 1 - step if cfg.reverse else step
       real = jnp.clip(length - (row % pieces) * rows_len - chunk * CHUNK, 0, CHUNK)  # real tokens here
-      rows_c = plgpu.broadcasted_iota(jnp.int32, (CHUNK, SLAB), 0, layout=wgmma_layout)
+      rows_v = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=row_layout)
+
+      def per_row(x):  # [CHUNK] row vector -> [CHUNK, SLAB] tile
+        return lax.broadcast_in_dim(x, (CHUNK, SLAB), [0])
 
       # Decay of each key to the chunk's last processed token, and of the entering state.
-      key_steps = rows_c if cfg.reverse else jnp.maximum(real - 1 - rows_c, 0)
+      key_steps = rows_v if cfg.reverse else jnp.maximum(real - 1 - rows_v, 0)
       k_decay = decay(key_steps)
       s_decay = decay(real)
       if cfg.segments:
         lim_last = lim_t[0 if cfg.reverse else CHUNK - 1]
-        key_live = rows_c < lim_last if cfg.reverse else rows_c >= lim_last
+        key_live = rows_v < lim_last if cfg.reverse else rows_v >= lim_last
         k_decay = jnp.where(key_live, k_decay, 0.0)
         s_decay = jnp.where(lim_last == none, s_decay, 0.0)
 
@@ -141,7 +153,7 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
       if not cfg.state_only:
         s_smem[wg] = state.astype(dtype)
       c_slab = plgpu.load(c_t.at[:, cols], layout=wgmma_layout).astype(f32)
-      pc_smem[wg] = (c_slab * k_decay).astype(dtype)
+      pc_smem[wg] = (c_slab * per_row(k_decay)).astype(dtype)
       plgpu.commit_smem()
       # S_out = ds S_in + b^T (dk * c); in the same wgmma batch: a S_in (inter) and a b^T (scores).
       if cfg.state_only:
@@ -150,29 +162,23 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
       update, inter, scores = _matmuls((b_t.T, pc_smem.at[wg], (d, SLAB)),
                                        (a_t, s_smem.at[wg], (CHUNK, SLAB)),
                                        (a_t, b_t.T, (CHUNK, CHUNK)))
-      q_steps = jnp.maximum(real - rows_c, 0) if cfg.reverse else rows_c + 1
+      q_steps = jnp.maximum(real - rows_v, 0) if cfg.reverse else rows_v + 1
       q_decay = decay(q_steps)
-      qi = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=wgmma_layout)
-      kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
-      dist = kj - qi if cfg.reverse else qi - kj
-      mask = dist >= 0
+      scores = scores * plgpu.load(mask_smem, layout=wgmma_layout)
       if cfg.segments:
-        lim_rows = plgpu.load(lim_t, layout=wgmma_layout.reduce(1))
-        lim_qs = lax.broadcast_in_dim(lim_rows, (CHUNK, SLAB), [0])
-        q_decay = jnp.where(lim_qs == none, q_decay, 0.0)
+        lim_rows = plgpu.load(lim_t, layout=row_layout)
+        q_decay = jnp.where(lim_rows == none, q_decay, 0.0)
+        kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
         lim_qk = lax.broadcast_in_dim(lim_rows, (CHUNK, CHUNK), [0])
-        mask = mask & (kj < lim_qk if cfg.reverse else kj >= lim_qk)
-      scores = jnp.where(mask, scores * decay(jnp.maximum(dist, 0)), 0.0)
+        scores = jnp.where(kj < lim_qk if cfg.reverse else kj >= lim_qk, scores, 0.0)
       pc_smem[wg] = scores.astype(dtype)  # the update wgmma that read this buffer has completed
       plgpu.commit_smem()
       (intra,) = _matmuls((pc_smem.at[wg], c_t.at[:, cols], (CHUNK, SLAB)))
-      out = inter * q_decay + intra
-      slot = step % 2
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-      o_smem[wg, slot] = out.astype(dtype)
+      out = inter * per_row(q_decay) + intra
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's store has read o_smem
+      o_smem[wg] = out.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-          o_smem.at[wg, slot], o_ref.at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols])
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols])
       return state * s_decay + update
 
     def index(i):
@@ -203,7 +209,8 @@ def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: Sc
   scratch = [
       plgpu.SMEM((nwg, d, SLAB), dtype, transforms=_transforms()),
       plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),  # decayed c, then scores
-      plgpu.SMEM((nwg, 2, CHUNK, SLAB), dtype, transforms=_transforms()),
+      plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),
+      plgpu.SMEM((CHUNK, CHUNK), f32),
   ]
   interpret = None
   if cfg.interpret:
@@ -334,7 +341,7 @@ def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int
   return out.reshape(b.shape), finals[:, 0 if reverse else -1]
 
 
-TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 multiprocessors
+TARGET_PROGRAMS = 132  # one wave on an H100/H200's 132 multiprocessors (best in the v2 sweep)
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:

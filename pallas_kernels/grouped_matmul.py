@@ -1,0 +1,121 @@
+"""Grouped (ragged) matmul for mixture-of-experts layers.
+
+``grouped_matmul(x, w, group_sizes, *, impl="auto")``: rows of x sorted by group, row r of group g
+multiplied by ``w[g]``. Implementations: "xla" (``jax.lax.ragged_dot``, everywhere; the oracle),
+"pallas" (Mosaic GPU kernels for Hopper with a ``custom_vjp``: forward, d_x and d_w kernels; calls
+the kernels do not support fall back to "xla") and "auto" (the same as "pallas").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul_gpu import Tiles, ragged_matmul, transposed_ragged_matmul
+
+IMPLS = ("auto", "pallas", "xla")
+
+# Tiles per (kernel, contraction size, output width per weight), measured on one H100
+# (benchmarks/moe.py --sweep); other shapes take the first candidate that divides them.
+TILE_TABLE: dict[tuple[str, int, int], Tiles] = {}
+CANDIDATES = (Tiles(128, 128, 64, 4, 1), Tiles(64, 128, 64, 4, 1), Tiles(64, 64, 64, 4, 1))
+
+
+def pick_tiles(kernel: str, k: int, n: int) -> Tiles | None:
+    """Tiles of ``kernel`` ("fwd", "dx", "dw") for contraction ``k`` and output width ``n``
+    (for "dw": k is the weights' input dim, n their output dim), or None if none fits."""
+    if (kernel, k, n) in TILE_TABLE:
+        return TILE_TABLE[kernel, k, n]
+    return next((t for t in CANDIDATES
+                 if k % (t.block_m if kernel == "dw" else t.block_k) == 0 and n % t.block_n == 0),
+                None)
+
+
+def _kernel_tiles(ws: tuple[jax.Array, ...]) -> tuple[Tiles, Tiles, Tiles] | None:
+    """(fwd, dx, dw) tiles for weights ws ``([G, K, N_j], ...)``; None if a kernel has none."""
+    k, n = ws[0].shape[1], ws[0].shape[2]
+    tiles = (pick_tiles("fwd", k, n), pick_tiles("dx", n, k), pick_tiles("dw", k, n))
+    return None if None in tiles else tiles
+
+
+def supports(x: jax.Array, ws: tuple[jax.Array, ...]) -> bool:
+    """Whether the kernels handle this call on the default device: Hopper, x and every weight
+    bf16 (or all f16), at least one row, sizes the tiles divide."""
+    if x.dtype not in (jnp.bfloat16, jnp.float16) or any(w.dtype != x.dtype for w in ws):
+        return False
+    if x.shape[0] == 0 or _kernel_tiles(ws) is None:
+        return False
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") in ("9.0", "9.0a")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pallas(x, ws, group_sizes, interpret):
+    fwd_tiles = _kernel_tiles(ws)[0]
+    return ragged_matmul(x, ws, group_sizes, transpose_rhs=False, tiles=fwd_tiles,
+                         interpret=interpret)
+
+
+def _pallas_fwd(x, ws, group_sizes, interpret):
+    return _pallas(x, ws, group_sizes, interpret), (x, ws, group_sizes)
+
+
+def _pallas_bwd(interpret, residuals, dy):
+    x, ws, group_sizes = residuals
+    _, dx_tiles, dw_tiles = _kernel_tiles(ws)
+    dy = dy.astype(x.dtype)
+    dx = ragged_matmul(dy, ws, group_sizes, transpose_rhs=True, tiles=dx_tiles,
+                       interpret=interpret)
+    n = ws[0].shape[2]
+    dws = tuple(
+        transposed_ragged_matmul(x, dy, group_sizes, col_start=j * n, cols=n, tiles=dw_tiles,
+                                 interpret=interpret).astype(w.dtype)
+        for j, w in enumerate(ws))
+    return dx, dws, None
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def grouped_matmul_pallas(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array,
+                          interpret: bool = False) -> jax.Array:
+    """Kernel path of ``grouped_matmul`` (differentiable; ``supports`` says which calls; in
+    ``interpret`` mode any float dtype on the CPU). Same arguments, weights as a tuple."""
+    if _kernel_tiles(ws) is None:
+        raise ValueError(f"no tiles fit weights {[w.shape for w in ws]}")
+    return _pallas(x, ws, group_sizes.astype(jnp.int32), interpret)
+
+
+def _xla(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array) -> jax.Array:
+    outs = [jax.lax.ragged_dot(x, w, group_sizes) for w in ws]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], group_sizes: jax.Array, *,
+                   impl: str = "auto") -> jax.Array:
+    """Rows of x grouped by expert times that expert's weights.
+
+    Args:
+      x: ``[M, K]``; group g owns rows ``[sum(group_sizes[:g]), sum(group_sizes[:g + 1]))``.
+      w: ``[G, K, N]``, or a sequence of such weights of equal shape (e.g. w1 and w3), computed
+        in one launch with their outputs side by side.
+      group_sizes: int ``[G]``, non-negative, sum at most M (empty groups allowed).
+      impl: one of ``IMPLS``.
+
+    Returns:
+      ``[M, N * len(w)]`` in x's dtype (float32 accumulation); rows past ``sum(group_sizes)`` are
+      zero.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    ws = tuple(w) if isinstance(w, Sequence) else (w,)
+    if x.ndim != 2 or any(v.ndim != 3 or v.shape != ws[0].shape for v in ws):
+        raise ValueError(f"x {x.shape} must be [M, K] and w {[v.shape for v in ws]} equal [G, K, N]")
+    if ws[0].shape[1] != x.shape[1] or group_sizes.shape != (ws[0].shape[0],):
+        raise ValueError(f"x {x.shape}, w {ws[0].shape}, group_sizes {group_sizes.shape} disagree")
+    if impl != "xla" and supports(x, ws):
+        return grouped_matmul_pallas(x, ws, group_sizes)
+    return _xla(x, ws, group_sizes)
