@@ -295,14 +295,16 @@ def combine_pieces(deltas, n_real, cut, slopes, s0):
 
 
 @functools.partial(jax.jit, static_argnames=("reverse", "length", "pieces", "interpret"))
-def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int,
+def scan(a, b, c, slopes, s0, resets, entering=None, *, reverse: bool, length: int, pieces: int,
          interpret: bool = False):
   """The decayed scan over whole rows, split into ``pieces`` for parallelism.
 
   a, b, c ``[B, Tp, H, D]`` (Tp a multiple of CHUNK * pieces, zero after ``length`` real tokens);
   slopes float32 ``[H]``; s0 float32 ``[B, H, D, D]`` or None (the state entering the scan: before
-  position 0, or after the last token when ``reverse``); resets bool ``[B, Tp + 1]`` or None.
-  Returns out ``[B, Tp, H, D]`` (a's dtype) and the final state float32 ``[B, H, D, D]``.
+  position 0, or after the last token when ``reverse``); resets bool ``[B, Tp + 1]`` or None;
+  entering float32 ``[B * P, H, D, D]`` or None: every piece's entering state when already known
+  (s0 included), which skips the state-only pass. Returns out ``[B, Tp, H, D]`` (a's dtype), the
+  final state float32 ``[B, H, D, D]`` and the entering states used (None for one piece and no s0).
   """
   bsz, tp, h, d = b.shape
   lp = tp // pieces
@@ -318,14 +320,22 @@ def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int
     return _scan_call(a_rows, rows(b), rows(c), slopes, s0_rows, None if lim is None else rows(lim),
                       (length, pieces), cfg)
 
-  if pieces == 1:
-    return call(False, s0, a)
+  if entering is None and pieces == 1:
+    entering = s0
+  if entering is None:
+    entering = _entering_states(call, bsz, h, d, slopes, s0, resets, reverse, length, pieces, lp)
+  out, finals = call(False, entering, rows(a))
+  finals = finals.reshape(bsz, pieces, h, d, d)
+  return out.reshape(b.shape), finals[:, 0 if reverse else -1], entering
 
-  # 1. each piece from a zero state; 2. combine into every piece's entering state; 3. full scan.
+
+def _entering_states(call, bsz, h, d, slopes, s0, resets, reverse, length, pieces, lp):
+  """1. each piece from a zero state (state-only scan); 2. combined into every piece's entering
+  state, ``[B * P, H, D, D]``."""
   _, deltas = call(True, None, None)
   deltas = deltas.reshape(bsz, pieces, h, d, d)
   n_real = jnp.clip(length - jnp.arange(pieces) * lp, 0, lp)
-  if segments:
+  if resets is not None:
     span = resets[:, 1:] if reverse else resets[:, :-1]
     cut = jnp.any(span.reshape(bsz, pieces, lp), axis=2)
   else:
@@ -335,10 +345,7 @@ def scan(a, b, c, slopes, s0, resets, *, reverse: bool, length: int, pieces: int
   entering = combine_pieces(deltas, n_real, cut, slopes, s0)
   if reverse:
     entering = entering[:, ::-1]
-  entering = entering.reshape(bsz * pieces, h, d, d)
-  out, finals = call(False, entering, rows(a))
-  finals = finals.reshape(bsz, pieces, h, d, d)
-  return out.reshape(b.shape), finals[:, 0 if reverse else -1]
+  return entering.reshape(bsz * pieces, h, d, d)
 
 
 TARGET_PROGRAMS = 132  # one wave on an H100/H200's 132 multiprocessors (best in the v2 sweep)
@@ -362,29 +369,35 @@ def _resets(segment_ids, b, t, tp):
   return jnp.concatenate([false, change, jnp.zeros((b, tp - t + 1), jnp.bool_)], axis=1)
 
 
+def _transpose(state):
+  return None if state is None else jnp.swapaxes(state, -1, -2)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _attention(q, k, v, s0, slopes, resets, length, pieces, interpret):
-  o, state = scan(q, k, v, slopes, s0, resets, reverse=False, length=length, pieces=pieces,
-                  interpret=interpret)
-  return o, state
+  return _attention_fwd(q, k, v, s0, slopes, resets, length, pieces, interpret)[0]
 
 
 def _attention_fwd(q, k, v, s0, slopes, resets, length, pieces, interpret):
-  return _attention(q, k, v, s0, slopes, resets, length, pieces, interpret), (q, k, v, s0, slopes,
-                                                                               resets)
+  o, state, entering = scan(q, k, v, slopes, s0, resets, reverse=False, length=length,
+                            pieces=pieces, interpret=interpret)
+  return (o, state), (q, k, v, s0, slopes, resets, entering)
 
 
 def _attention_bwd(length, pieces, interpret, residuals, cotangents):
-  q, k, v, s0, slopes, resets = residuals
+  q, k, v, s0, slopes, resets, entering = residuals
   do, d_state = cotangents
   do = do.astype(q.dtype)
   kw = dict(length=length, pieces=pieces, interpret=interpret)
-  s0_t = None if s0 is None else jnp.swapaxes(s0, -1, -2)
-  dq, _ = scan(do, v, k, slopes, s0_t, resets, reverse=False, **kw)
-  # the state "after the last token" seen by the reverse scans is dS_T / lam
+  # dq scans sum v^T k: the transposes of the forward's per-piece entering states.
+  dq, _, _ = scan(do, v, k, slopes, _transpose(s0), resets, _transpose(entering), reverse=False,
+                  **kw)
+  # the state "after the last token" seen by the reverse scans is dS_T / lam; the dk scan's states
+  # are the transposes of the dv scan's.
   g0 = d_state * jnp.exp(slopes)[None, :, None, None]
-  dk, _ = scan(v, do, q, slopes, jnp.swapaxes(g0, -1, -2), resets, reverse=True, **kw)
-  dv, g_first = scan(k, q, do, slopes, g0, resets, reverse=True, **kw)
+  dv, g_first, g_entering = scan(k, q, do, slopes, g0, resets, reverse=True, **kw)
+  dk, _, _ = scan(v, do, q, slopes, _transpose(g0), resets, _transpose(g_entering), reverse=True,
+                  **kw)
   ds0 = None if s0 is None else g_first * jnp.exp(-slopes)[None, :, None, None]
   return dq, dk, dv, ds0, None, None
 
