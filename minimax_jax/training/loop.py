@@ -169,6 +169,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
                 val_loss = evaluate(state.params, graphdef, val_batches)
                 record["val_loss"] = val_loss
+                t_last, steps_since = time.perf_counter(), 0  # throughput counts training steps only
             if record:
                 logger.log(done, record)
             extra = {"data": data.get_state(), "skipped_steps": skipped}
