@@ -1,7 +1,11 @@
 """The sparse mixture-of-experts block of MiniMax-01 (spec §6): fp32 softmax router, top-k with
-renormalised weights, SwiGLU experts computed dropless and grouped by expert."""
+renormalised weights, SwiGLU experts computed dropless and grouped by expert: tokens are gathered
+into expert order, run through grouped matmuls (`pallas_kernels.grouped_matmul`) and gathered back
+(gathers both ways, also in the gradient)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +13,7 @@ from flax import nnx
 
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
+from pallas_kernels import grouped_matmul
 
 
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -38,26 +43,64 @@ def router_stats(probs: jax.Array, experts: jax.Array, mask: jax.Array | None) -
     return {"aux_loss": e * jnp.sum(counts / denom * mean_prob), "expert_load": counts / (denom * k)}
 
 
+def dispatch_order(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """experts int `[N, k]` -> (order, inverse int32 `[N * k]`, group_sizes int32 `[E]`).
+
+    Assignment a (token a // k) is the a-th of the flattened experts; `order` lists assignments by
+    expert (stable), `inverse` is its inverse permutation (`order[inverse[a]] == a`).
+    """
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    return order, inverse, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array, fan_out: int) -> jax.Array:
+    """x `[N, D]` -> `[N * fan_out, D]`, row i = `x[index[i] // fan_out]`.
+
+    `index` int32 `[N * fan_out]` is a permutation with inverse `inverse`; the gradient is a
+    gather too (`dx[n] = sum_j g[inverse[n * fan_out + j]]`) rather than a scatter-add.
+    """
+    return x[index // fan_out]
+
+
+def _gather_rows_fwd(x, index, inverse, fan_out):
+    return gather_rows(x, index, inverse, fan_out), (index, inverse)
+
+
+def _gather_rows_bwd(fan_out, residuals, g):
+    index, inverse = residuals
+    n = g.shape[0] // fan_out
+    dx = g[inverse].reshape(n, fan_out, g.shape[1])
+    dx = dx[:, 0] if fan_out == 1 else jnp.sum(dx.astype(jnp.float32), axis=1).astype(g.dtype)
+    return dx, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array,
-               w2: jax.Array) -> jax.Array:
+               w2: jax.Array, impl: str = "auto") -> jax.Array:
     """SwiGLU experts on rows sorted by expert: W2(SiLU(W1 x) * W3 x).
 
     x `[M, D]` (rows of expert e contiguous, in expert order), group_sizes int32 `[E]` summing to M,
-    w1/w3 `[E, D, F]`, w2 `[E, F, D]`. Returns `[M, D]` in x's dtype.
+    w1/w3 `[E, D, F]`, w2 `[E, F, D]`; w1 and w3 run as one grouped matmul. `impl` as in
+    `pallas_kernels.grouped_matmul`. Returns `[M, D]` in x's dtype.
     """
-    h1 = jax.lax.ragged_dot(x, w1, group_sizes)
-    h3 = jax.lax.ragged_dot(x, w3, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(h1) * h3, w2, group_sizes)
+    h1, h3 = jnp.split(grouped_matmul(x, (w1, w3), group_sizes, impl=impl), 2, axis=1)
+    return grouped_matmul(jax.nn.silu(h1) * h3, w2, group_sizes, impl=impl)
 
 
 class SparseMoE(nnx.Module):
     """`block_sparse_moe`: router `gate` `[D, E]` and experts `w1`, `w3` `[E, D, F]`, `w2` `[E, F, D]`."""
 
-    def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs, impl: str = "auto"):
         d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
         pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
         self.dtype = jnp.dtype(cfg.dtype)
         self.top_k = cfg.num_experts_per_tok
+        self.impl = impl  # grouped matmul implementation
         self.gate = param(rngs, (d, e), ("embed", None), pd, stddev=std)
         self.w1 = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, stddev=std)
         self.w3 = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, stddev=std)
@@ -73,14 +116,12 @@ class SparseMoE(nnx.Module):
         probs, weights, experts = route(logits, self.top_k)
         stats = router_stats(probs, experts, None if mask is None else mask.reshape(-1))
 
-        flat = experts.reshape(-1)  # [N * k], assignment a belongs to token a // k
-        order = jnp.argsort(flat, stable=True)
-        group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        order, inverse, group_sizes = dispatch_order(experts, e)
         y_sorted = expert_ffn(
-            xf[order // self.top_k], group_sizes,
+            gather_rows(xf, order, inverse, self.top_k), group_sizes,
             self.w1[...].astype(self.dtype), self.w3[...].astype(self.dtype),
-            self.w2[...].astype(self.dtype),
+            self.w2[...].astype(self.dtype), self.impl,
         )
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(b * t, self.top_k, d)
+        y = gather_rows(y_sorted, inverse, order, 1).reshape(b * t, self.top_k, d)
         out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
         return out.astype(self.dtype).reshape(b, t, d), stats
