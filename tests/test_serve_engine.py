@@ -28,9 +28,16 @@ def model() -> MiniMaxForCausalLM:
     return MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
 
 
+class NoEosTokenizer(ByteTokenizer):
+    """Greedy outputs of a random model may hit EOS early; here every request runs to max_tokens."""
+
+    eos_token_id = -1
+
+
 @pytest.fixture(scope="module")
 def engine(model):
-    eng = Engine(model, ByteTokenizer(), max_batch=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK)
+    eng = Engine(model, NoEosTokenizer(), max_batch=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK,
+                 prefill_rows=8)
     eng.start()
     yield eng
     eng.stop()
@@ -66,12 +73,13 @@ def run_concurrently(engine: Engine, jobs: list[tuple[list[int], SamplingParams]
 
 def test_greedy_output_is_the_same_alone_and_batched_with_31_others(engine):
     batch = prompts(SLOTS)
-    alone = [engine.generate(p, GREEDY) for p in batch]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)  # long enough for all 32 to overlap
+    alone = [engine.generate(p, greedy) for p in batch]
     running = []
     original = engine.metrics.set_load
     engine.metrics.set_load = lambda q, r: (running.append(r), original(q, r))
     try:
-        together = run_concurrently(engine, [(p, GREEDY) for p in batch])
+        together = run_concurrently(engine, [(p, greedy) for p in batch])
     finally:
         del engine.metrics.set_load
     assert max(running) == SLOTS, "the 32 requests never ran together"
@@ -82,14 +90,27 @@ def test_greedy_output_is_the_same_alone_and_batched_with_31_others(engine):
         assert b.completion_tokens == len(b.token_ids) and b.prompt_tokens == len(batch[i])
 
 
-@pytest.mark.parametrize("length", [5, CHUNK, 37])
+@pytest.mark.parametrize("length", [CHUNK, 37])  # one exact chunk; a padded chunk + 2 full
 def test_greedy_output_equals_generate(engine, model, length):
     prompt = next(p for p in prompts(6) if len(p) == length)
     out = engine.generate(prompt, GREEDY)
-    eos = ByteTokenizer.eos_token_id
-    ref = np.asarray(generate(model, jnp.asarray([prompt]), GREEDY.max_tokens, eos_token_id=eos))[0].tolist()
-    assert out.token_ids == ref[:len(out.token_ids)]
-    assert out.finish_reason == ("stop" if eos in ref else "length")
+    ref = np.asarray(generate(model, jnp.asarray([prompt]), GREEDY.max_tokens))[0].tolist()
+    assert out.token_ids == ref and out.finish_reason == "length"
+
+
+def test_generation_stops_at_eos(engine):
+    prompt = prompts(2)[1]
+    free = engine.generate(prompt, GREEDY)
+    eos_tokenizer = NoEosTokenizer()
+    eos_tokenizer.eos_token_id = free.token_ids[2]
+    engine.tokenizer = eos_tokenizer
+    try:
+        out = engine.generate(prompt, GREEDY)
+    finally:
+        engine.tokenizer = NoEosTokenizer()
+    stop = free.token_ids.index(free.token_ids[2])
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:stop + 1]
+    assert out.text == eos_tokenizer.decode(free.token_ids[:stop])
 
 
 def test_a_long_prompt_does_not_stall_decoding(engine):

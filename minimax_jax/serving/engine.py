@@ -248,19 +248,32 @@ class Engine:
         for request in [r for r in [*self._waiting, *self._slots] if r is not None and r.id in ids]:
             self._finish(request, "abort")
 
+    def _reading(self) -> list[_Request]:
+        """Requests in slots still reading their prompt, oldest first (at most prefill_rows)."""
+        return sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival)
+
     def _admit(self) -> None:
+        """Move waiting requests into free slots, keeping at most prefill_rows slots reading a
+        prompt (the decode step protects those rows, a fixed number of them)."""
+        room = self.steps.prefill_rows - len(self._reading())
         for slot in range(self.max_batch):
-            if not self._waiting:
+            if not self._waiting or room == 0:
                 return
             if self._slots[slot] is None:
                 request = self._waiting.popleft()
                 self.steps.reset(slot)
                 request.slot, self._slots[slot] = slot, request
+                room -= 1
+
+    def _fixed_rows(self, slots: list[int]) -> np.ndarray:
+        """`slots` padded with other, distinct slots to the prefill_rows rows a step takes."""
+        taken = set(slots)
+        pad = [s for s in range(self.max_batch) if s not in taken][:self.steps.prefill_rows - len(slots)]
+        return np.asarray(slots + pad, np.int32)
 
     def _prefill_step(self) -> None:
         """One chunk for each of the (up to prefill_rows) oldest slots still reading a prompt."""
-        reading = sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival)
-        batch = reading[:self.steps.prefill_rows]
+        batch = self._reading()
         if not batch:
             return
         try:
@@ -279,8 +292,6 @@ class Engine:
         """Run one prefill step for `batch` (<= prefill_rows requests in slots); the remaining
         rows of the fixed-size step are other slots, left untouched."""
         c, rows_n = self.chunk, self.steps.prefill_rows
-        busy = {r.slot for r in batch}
-        rows = [r.slot for r in batch] + [s for s in range(self.max_batch) if s not in busy][:rows_n - len(batch)]
         tokens = np.zeros((rows_n, c), np.int32)
         mask = np.zeros((rows_n, c), np.int32)
         fed = []
@@ -294,7 +305,8 @@ class Engine:
         active = np.arange(rows_n) < len(batch)
         sampling = SamplingBatch.of([r.sampling_row() for r in batch]
                                     + [(0, 0, 0.0, 1.0, 0)] * (rows_n - len(batch)))
-        sampled = _to_host(self.steps.prefill(np.asarray(rows, np.int32), tokens, mask, active, sampling))
+        rows = self._fixed_rows([r.slot for r in batch])
+        sampled = _to_host(self.steps.prefill(rows, tokens, mask, active, sampling))
         for i, (request, n) in enumerate(zip(batch, fed)):
             request.fed += n
             if request.decoding:
@@ -306,10 +318,11 @@ class Engine:
         if not running:
             return
         tokens = np.asarray([r.generated[-1] if r else 0 for r in rows], np.int32)
-        active = np.asarray([r is not None for r in rows])
         sampling = SamplingBatch.of([r.sampling_row() if r else (0, 0, 0.0, 1.0, 0) for r in rows])
+        reading = [r.slot for r in self._reading()]
+        protect = np.arange(self.steps.prefill_rows) < len(reading)
         try:
-            sampled = _to_host(self.steps.decode(tokens, active, sampling))
+            sampled = _to_host(self.steps.decode(tokens, self._fixed_rows(reading), protect, sampling))
         except Exception as exc:  # noqa: BLE001
             self._step_failed(running, exc)
             return

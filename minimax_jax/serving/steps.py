@@ -6,8 +6,9 @@ Every step has fixed shapes (slot count, prefill chunk length), so each compiles
   prompt to each of R slots (the lightning layers carry their float32 state on, the softmax
   layers append K/V) and sample from each chunk's last position; inactive rows are left as they
   were (they fill the R rows when fewer prompts are being read);
-- `decode(tokens [B], active [B], sampling)`: one token for every slot; rows not active keep
-  their cache untouched (slots mid-prefill or free).
+- `decode(tokens [B], protect_rows [R], protect [R], sampling)`: one token for every slot; the
+  protected rows (slots mid-prefill, at most R of them) keep their cache untouched. Only those R
+  rows are saved and restored, never the whole cache; free slots are reset when they are taken.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class Steps:
             logits, new_sub, _ = model.forward(tokens, attention_mask=mask, cache=sub)
             return put_rows(cache, rows, keep_rows(active, new_sub, sub)), sample_rows(logits[:, -1], sampling)
 
-        def decode(params, cache: Cache, tokens, active, sampling: SamplingBatch):
+        def decode(params, cache: Cache, tokens, protect_rows, protect, sampling: SamplingBatch):
             model = nnx.merge(graphdef, params)
-            logits, new_cache, _ = model.forward(tokens[:, None], cache=cache)
-            return keep_rows(active, new_cache, cache), sample_rows(logits[:, 0], sampling)
+            saved = take_rows(cache, protect_rows)
+            logits, cache, _ = model.forward(tokens[:, None], cache=cache)
+            restored = keep_rows(protect, saved, take_rows(cache, protect_rows))
+            return put_rows(cache, protect_rows, restored), sample_rows(logits[:, 0], sampling)
 
         self._reset = jax.jit(reset_rows, donate_argnums=0)
         self._prefill = jax.jit(prefill, donate_argnums=1)
@@ -60,9 +63,10 @@ class Steps:
         self.cache, out = self._prefill(self.params, self.cache, rows, tokens, mask, active, sampling)
         return out
 
-    def decode(self, tokens, active, sampling: SamplingBatch) -> Sampled:
-        """Feed int32 tokens `[B]` to all slots; only rows with active `[B]` keep the new cache."""
-        self.cache, out = self._decode(self.params, self.cache, tokens, active, sampling)
+    def decode(self, tokens, protect_rows, protect, sampling: SamplingBatch) -> Sampled:
+        """Feed int32 tokens `[B]` to all slots; the distinct slots protect_rows int32 `[R]` where
+        protect bool `[R]` keep their cache as it was. Returns the samples `[B]`."""
+        self.cache, out = self._decode(self.params, self.cache, tokens, protect_rows, protect, sampling)
         return out
 
     def cache_alive(self) -> bool:
