@@ -70,10 +70,16 @@ def filtered_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
 
 def sample_rows(logits: jax.Array, params: SamplingBatch) -> Sampled:
     """Pick one token per row of float32 logits `[B, V]` with each row's own settings."""
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(params.seed, params.step)
-    filtered = filtered_logits(logits, params.temperature, params.top_p, params.top_k)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    token = jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw() -> jax.Array:
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(params.seed, params.step)
+        filtered = filtered_logits(logits, params.temperature, params.top_p, params.top_k)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, drawn, greedy)
+
+    # the sort behind top_p / top_k runs only when some row samples
+    token = jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda: greedy)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
