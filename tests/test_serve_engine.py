@@ -246,3 +246,20 @@ def test_a_failing_request_does_not_affect_the_others(engine):
 def test_invalid_requests_are_rejected_with_a_reason(engine, prompt, params, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         engine.submit(prompt, params, lambda out: None)
+
+
+def test_the_engine_survives_an_unexpected_error_in_its_loop(engine):
+    real_reset = engine.steps.reset
+
+    def failing_reset(slot: int) -> None:
+        del engine.steps.reset  # fail once
+        raise RuntimeError("injected reset failure")
+
+    engine.steps.reset = failing_reset
+    try:
+        out = engine.generate(prompts(1)[0], GREEDY, timeout=30)
+    finally:
+        engine.steps.__dict__.pop("reset", None)
+    assert out.finish_reason == "error" and "injected reset failure" in out.error
+    assert engine.steps.reset == real_reset and engine.alive
+    assert engine.generate(prompts(1)[0], GREEDY).finish_reason == "length"

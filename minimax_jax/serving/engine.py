@@ -228,16 +228,22 @@ class Engine:
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 aborts, self._aborts = self._aborts, set()
-            self._apply_aborts(aborts)
-            self._admit()
-            self._prefill_step()
-            self._decode_step()
-            self._publish_load()
+            try:
+                self._iterate(aborts)
+            except Exception as exc:  # noqa: BLE001 - keep serving: fail what was in flight
+                self._step_failed([r for r in self._slots if r is not None], exc)
         with self._cond:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
         for request in [*self._waiting, *filter(None, self._slots)]:
             self._finish(request, "abort")
+
+    def _iterate(self, aborts: set[str]) -> None:
+        self._apply_aborts(aborts)
+        self._admit()
+        self._prefill_step()
+        self._decode_step()
+        self._publish_load()
 
     def _publish_load(self) -> None:
         with self._cond:
@@ -261,8 +267,8 @@ class Engine:
                 return
             if self._slots[slot] is None:
                 request = self._waiting.popleft()
-                self.steps.reset(slot)
                 request.slot, self._slots[slot] = slot, request
+                self.steps.reset(slot)
                 room -= 1
 
     def _fixed_rows(self, slots: list[int]) -> np.ndarray:
