@@ -189,8 +189,9 @@ def test_bad_inputs_get_an_openai_style_4xx(served, name, path, body, status):
 
 
 def test_the_openai_client_sees_4xx_as_errors(client):
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128") as info:
         client.completions.create(model=MODEL, prompt="x" * 200, max_tokens=4)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimax_jax.serving.chat import ChatTemplate
-from minimax_jax.serving.engine import Engine, Output, SamplingParams, TokenLogprob, merge_outputs
+from minimax_jax.serving.engine import ContextLengthError, Engine, Output, SamplingParams, TokenLogprob, merge_outputs
 from minimax_jax.serving.protocol import MAX_STOP, ChatCompletionRequest, CompletionRequest, SamplingFields
 from minimax_jax.tokenizer import Tokenizer
 
@@ -117,9 +117,10 @@ class Server:
             params = self.sampling(body, max_tokens, logprobs, len(prompt))
             try:
                 self.engine.check(prompt, params)
+            except ContextLengthError as e:
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
             except ValueError as e:
-                raise APIError(400, str(e), param="prompt", code="context_length_exceeded"
-                               if "context length" in str(e) else None)
+                raise APIError(400, str(e), param="prompt")
             for i in range(body.n):
                 seed = params.seed if params.seed is None else (params.seed + i) % 2**32
                 out.append((prompt, dataclasses.replace(params, seed=seed)))

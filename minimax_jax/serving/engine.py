@@ -32,6 +32,10 @@ from minimax_jax.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+class ContextLengthError(ValueError):
+    """A request's prompt plus max_tokens does not fit in the engine's context."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to generate: at most `max_tokens` tokens; temperature 0 is greedy; top_k 0 and top_p 1
@@ -175,7 +179,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(prompt) + params.max_tokens > self.max_context:
-            raise ValueError(
+            raise ContextLengthError(
                 f"this model's maximum context length is {self.max_context} tokens; the request "
                 f"has {len(prompt)} prompt tokens + max_tokens {params.max_tokens}")
 
