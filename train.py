@@ -14,6 +14,7 @@ from pathlib import Path
 from minimax_jax.config import ConfigError
 from minimax_jax.training.config import load_train_config
 from minimax_jax.training.loop import NonFiniteLoss, config_summary, run
+from sharding import initialize_distributed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (model fields as model.KEY=value)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        initialize_distributed()
         tcfg, mcfg = load_train_config(args.config, args.overrides)
         run_dir = Path(tcfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -174,3 +174,21 @@ def test_unknown_override_lists_valid_keys():
         load_train_config(ROOT / "configs/tiny.yaml", ["stepz=3"])
     with pytest.raises(ConfigError, match="model.hidden_size"):
         load_train_config(ROOT / "configs/tiny.yaml", ["model.hiden_size=3"])
+
+
+def test_mesh_training_matches_single_device(corpus, tmp_path):
+    """Two steps on an 8-device CPU mesh (data x fsdp x tensor) give the single-device losses."""
+    single = tmp_path / "single"
+    run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, single, steps=2, batch_size=4)))
+    meshed = tmp_path / "mesh"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", "configs/tiny.yaml",
+         *_overrides(corpus, meshed, steps=2, batch_size=4), "mesh={data: 2, fsdp: 2, tensor: 2}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2, 'sequence': 1} over 8 devices" in proc.stdout + proc.stderr
+    want, got = _losses(single), _losses(meshed)
+    assert sorted(got) == [1, 2]
+    np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-5)

@@ -17,7 +17,9 @@ class TrainConfig:
     Data: `data` is a list of files or directories (.txt/.md/.py text, .jsonl with a `text` field,
     .parquet with a `text` column); empty means the running interpreter's standard-library sources.
     `tokenizer`: None for bytes, or a local tokenizer.json. Rows of `seq_len` tokens are packed
-    with segment ids; `val_fraction` of the documents are held out.
+    with segment ids; `val_fraction` of the documents are held out. `mesh` (e.g. {data: 2, fsdp: 4})
+    shards params by their logical axes (`sharding.rules`) and batches over data x fsdp; None
+    trains on one device.
     """
 
     run_dir: str = "runs/tiny"

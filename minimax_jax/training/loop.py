@@ -26,6 +26,7 @@ from minimax_jax.training.data import DataPipeline, find_files
 from minimax_jax.training.metrics import MetricsLogger, peak_flops, plot_losses, train_flops_per_token
 from minimax_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from minimax_jax.training.step import TrainState, eval_step, split_batch, train_step
+from sharding import batch_sharding, make_mesh, param_shardings
 
 log = logging.getLogger("minimax_jax.training")
 
@@ -110,10 +111,17 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
              len(data.source), len(files), len(data.val_idx))
 
     graphdef, params = nnx.split(model)
+    place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
+    if tcfg.mesh:
+        mesh = make_mesh(tcfg.mesh)
+        params = jax.device_put(params, param_shardings(params, mesh))
+        batch_spec = batch_sharding(mesh)
+        place_batch = lambda batch: jax.device_put(batch, batch_spec)  # noqa: E731
+        log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     optimizer = make_optimizer(tcfg)
     schedule = learning_rate_schedule(tcfg)
-    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-                       rng=jax.random.key_data(jax.random.key(tcfg.seed)))
+    state = TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
+                       step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(tcfg.seed)))
     skipped = 0
     restored = checkpoints.restore_latest(abstract_like(state)) if tcfg.resume else None
     if restored is not None:
@@ -136,7 +144,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
     val_loss = train_loss = math.nan
     try:
         for step in range(start, tcfg.steps):
-            batch = next(data.train)
+            batch = place_batch(next(data.train))
             state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
                                         grad_accum=tcfg.grad_accum, aux_coef=aux_coef)
             steps_since += 1

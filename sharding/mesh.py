@@ -1,0 +1,83 @@
+"""Device meshes over the named axes `data, fsdp, expert, tensor, sequence`, parameter placement
+from logical axis names, and multi-host start-up."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from sharding.rules import DEFAULT_RULES, MESH_AXES, MeshAxes, logical_to_spec
+
+log = logging.getLogger("sharding")
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-host job when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    are all set (one process per host); otherwise stay single-process. Returns whether it joined."""
+    present = [k for k in DISTRIBUTED_ENV if os.environ.get(k)]
+    if not present:
+        return False
+    if len(present) != len(DISTRIBUTED_ENV):
+        missing = sorted(set(DISTRIBUTED_ENV) - set(present))
+        raise RuntimeError(f"multi-host start-up needs all of {list(DISTRIBUTED_ENV)}; missing {missing}")
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+    log.info("joined a %d-process job as process %d (%d devices in all)",
+             jax.process_count(), jax.process_index(), jax.device_count())
+    return True
+
+
+def make_mesh(shape: Mapping[str, int]) -> Mesh:
+    """A mesh over all devices with axes `MESH_AXES`; `shape` gives the sizes (missing axes are 1,
+    one axis may be -1 to take the remaining devices). Sizes must multiply to the device count."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; valid: {list(MESH_AXES)}")
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    n = jax.device_count()
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {fill}")
+    if fill:
+        rest = math.prod(s for s in sizes.values() if s != -1)
+        if n % rest:
+            raise ValueError(f"{n} devices cannot be split into mesh {dict(shape)}")
+        sizes[fill[0]] = n // rest
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n} are visible")
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> Any:
+    """NamedShardings for an nnx.State of Params, from each Param's logical axis names
+    (`out_sharding` metadata) through `rules`. A mesh axis that does not divide a dimension is
+    dropped for that dimension (replicated) rather than padding it."""
+
+    def one(v: nnx.Variable) -> NamedSharding:
+        names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
+        spec = logical_to_spec(names, rules)
+        dims = []
+        for size, axes in zip(v.shape, spec):
+            group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            group = tuple(a for a in group if mesh.shape[a] > 1)
+            ok = group and size % math.prod(mesh.shape[a] for a in group) == 0
+            dims.append((group if len(group) > 1 else group[0]) if ok else None)
+        return NamedSharding(mesh, PartitionSpec(*dims))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a `[batch, time]` input: batch over the `activation_batch` mesh axes."""
+    return NamedSharding(mesh, logical_to_spec(("activation_batch", None), rules))
