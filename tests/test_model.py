@@ -171,3 +171,16 @@ def test_hf_config_layouts_agree():
     assert MiniMaxConfig.from_hf_config(a.to_hf_config()) == a
     no_rotary = dict(native, rope_parameters={"rope_theta": 1e7})
     assert MiniMaxConfig.from_hf_config(no_rotary).rotary_dim == 128
+
+
+def test_remat_changes_memory_not_results(rng):
+    cfg = tiny_config()
+    seed = int(rng.integers(1 << 30))
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
+    grads = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(MiniMaxForCausalLM(cfg.replace(remat=remat), rngs=nnx.Rngs(seed)))
+        loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)  # noqa: E731
+        grads.append(jax.grad(loss)(state))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
