@@ -6,9 +6,10 @@ Rows of ``x`` are sorted by group: group g owns rows ``[start_g, start_g + group
   (outputs side by side along the columns, e.g. w1 | w3 in one launch), or, with
   ``transpose_rhs``, ``out[r] = x[r] @ w[g(r)]^T`` with the weights splitting the contraction
   (the d_x of the former, accumulated in one float32 tile). A persistent grid walks the output
-  tiles; a row tile that straddles a group boundary is computed once per group and each pass stores
-  only its group's rows. Tiles holding no row of their group skip the matmul, and rows past
-  ``sum(group_sizes)`` are written as zeros.
+  tiles; a group's row tiles start at its first row rounded down to ``block_m`` (JAX's schedule)
+  or to 8 (``Tiles.aligned``), a tile straddling a group boundary is computed once per group and
+  each pass stores only its group's rows. Tiles holding no row of their group skip the matmul, and
+  rows past ``sum(group_sizes)`` are written as zeros.
 - ``transposed_ragged_matmul``: ``dw[g] = x[rows of g]^T @ dy[rows of g]`` for a column range of
   ``dy``; rows of a block that belong to another group are masked to zero before the wgmma.
 
@@ -35,13 +36,16 @@ DEFAULT_NUM_SMS = 132  # H100 SXM and H200
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes of one kernel launch: output tile ``block_m x block_n``, contraction step
-    ``block_k``, ``stages`` tiles in flight, ``grid_block_n`` column tiles per snake band."""
+    ``block_k``, ``stages`` tiles in flight, ``grid_block_n`` column tiles per snake band.
+    ``aligned`` (``ragged_matmul``): a group's row tiles start at its first row rounded down to 8
+    instead of to ``block_m`` (fewer tiles straddle two groups)."""
 
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     stages: int = 4
     grid_block_n: int = 1
+    aligned: bool = False
 
 
 def num_sms() -> int:
@@ -56,30 +60,32 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
-def _tile_group(sizes_ref, num_groups: int, m: int, block_m: int, tid):
-    """(group, row block, first row, end row) of persistent tile ``tid``.
+def _row_table(group_sizes: jax.Array, m: int, block_m: int, align: int) -> jax.Array:
+    """int32 ``[5, G + 1]`` per group: first tile, end tile, first row, end row, first tile row.
 
-    Tile ids run over (group, row block) pairs in order, ``tid = block + group``; a virtual group
-    ``num_groups`` holds the rows past the real groups (written as zeros). Ids past the last pair
-    get an empty row range.
+    Group g (rows ``[s_g, e_g)``) owns row tiles ``block_m`` high starting at ``s_g`` rounded down
+    to ``align``, none when empty. A last virtual group holds the rows past the real ones.
     """
-    end = jnp.int32(0)
-    group = block = group_start = group_end = jnp.int32(0)
-    for i in range(num_groups + 1):
-        start = end
-        size = sizes_ref[i] if i < num_groups else jnp.maximum(m - start, 0)
-        end = start + size
-        first = lax.div(start, block_m) + i
-        last = lax.div(end - 1, block_m) + i  # truncates towards zero: -1 // b == 0
-        mine = (first <= tid) & (tid <= last)
-        block = lax.select(mine, tid - i, block)
-        group = lax.select(mine, jnp.int32(i), group)
-        group_start = lax.select(mine, start, group_start)
-        group_end = lax.select(mine, end, group_end)
-    row0 = block * block_m
-    lo = jnp.maximum(group_start, row0)
-    hi = jnp.minimum(group_end, row0 + block_m)
-    return group, block, lo, jnp.maximum(hi - lo, 0)
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    sizes = jnp.append(sizes, jnp.maximum(m - jnp.sum(sizes), 0))
+    ends = jnp.cumsum(sizes, dtype=jnp.int32)
+    starts = ends - sizes
+    first_rows = starts // align * align
+    tiles = jnp.where(sizes == 0, 0, (ends - first_rows + block_m - 1) // block_m)
+    tile_ends = jnp.cumsum(tiles, dtype=jnp.int32)
+    return jnp.stack([tile_ends - tiles, tile_ends, starts, ends, first_rows]).astype(jnp.int32)
+
+
+def _tile_rows(table_ref, num_groups: int, block_m: int, tid):
+    """(group, first row of the tile, first row to store, rows to store) of row tile ``tid``;
+    tiles past the last group's get no rows."""
+    group = jnp.int32(0)
+    for i in range(num_groups):
+        group = group + (table_ref[1, i] <= tid).astype(jnp.int32)
+    row0 = table_ref[4, group] + (tid - table_ref[0, group]) * block_m
+    lo = jnp.maximum(row0, table_ref[2, group])
+    hi = jnp.minimum(row0 + block_m, table_ref[3, group])
+    return group, row0, lo, jnp.maximum(hi - lo, 0)
 
 
 def _store_rows(acc, o_gmem, row0, lo, size, col0: int | jax.Array, block_m: int, block_n: int,
@@ -139,16 +145,22 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
     k_offsets = [sum(k_sizes[:j]) // bk for j in range(len(k_sizes))]
     n_offsets = [sum(n_sizes[:j]) // bn for j in range(len(n_sizes))]
 
-    def body(sizes_gmem, x_gmem, *refs):
-        w_gmems, o_gmem = refs[:-1], refs[-1]
+    align = 8 if tiles.aligned and m % 8 == 0 else bm
+    if align == bm:
         grid_m = pl.cdiv(m, bm) + g
+    else:  # a group's tiles cover at most its rows + 7 more, plus a partial tile
+        grid_m = pl.cdiv(m + (align - 1) * (g + 1), bm) + g + 1
+
+    def body(table_gmem, x_gmem, *refs):
+        w_gmems, o_gmem = refs[:-1], refs[-1]
         grid_n = n // bn
 
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
         def _(loop_info: plgpu.NDLoopInfo):
             mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1,
                                         tiles.grid_block_n)
-            group, block, lo, size = _tile_group(sizes_gmem, g, m, bm, mi)
+            group, row0, lo, size = _tile_rows(table_gmem, g, bm, mi)
+            row0 = pl.multiple_of(row0, align)
 
             def pipeline(acc_ref, w_gmem, k_steps: int, k_offset: int, n_tile):
                 def step(_, x_smem, w_smem):
@@ -160,7 +172,7 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
                     step,
                     grid=(k_steps,),
                     in_specs=[
-                        plgpu.BlockSpec((bm, bk), lambda k: (block, k + k_offset),
+                        plgpu.BlockSpec((pl.Element(bm), bk), lambda k: (row0, k + k_offset),
                                         delay_release=1),
                         plgpu.BlockSpec(w_block, w_index, delay_release=1),
                     ],
@@ -185,7 +197,7 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-            _store_rows(acc, o_gmem, block * bm, lo, size, ni * bn, bm, bn, m)
+            _store_rows(acc, o_gmem, row0, lo, size, ni * bn, bm, bn, m)
 
     kernel = plgpu.kernel(
         body,
@@ -195,7 +207,7 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret),
     )
-    return kernel(group_sizes.astype(jnp.int32), x, *ws)
+    return kernel(_row_table(group_sizes, m, bm, align), x, *ws)
 
 
 def transposed_ragged_matmul(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,

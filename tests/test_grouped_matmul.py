@@ -3,6 +3,9 @@ GPU kernels (forward, d_x, d_w through the custom_vjp) in Pallas' GPU interpret 
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 
 from pallas_kernels import grouped_matmul
 from pallas_kernels.grouped_matmul import grouped_matmul_pallas, pick_tiles, supports
+
+gmm_module = sys.modules["pallas_kernels.grouped_matmul"]  # the package exports the function
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -80,10 +85,13 @@ def test_pick_tiles():
     assert pick_tiles("dw", 100, 128) is None  # weight rows not a multiple of block_m
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_pallas_interpret_value_and_gradients(rng, dtype):
+@pytest.mark.parametrize("dtype,aligned", [(jnp.float32, False), (jnp.bfloat16, True)])
+def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     """M = 200 (not a multiple of any tile), an empty group, 180 rows in groups (20 zero rows), two
-    weights in one launch; value and gradients of x and both weights vs lax.ragged_dot."""
+    weights in one launch; value and gradients of x and both weights vs lax.ragged_dot. Row tiles
+    in JAX's schedule, or aligned to 8 rows."""
+    candidates = tuple(dataclasses.replace(t, aligned=aligned) for t in gmm_module.CANDIDATES)
+    monkeypatch.setattr(gmm_module, "CANDIDATES", candidates)
     x, ws, sizes = make_inputs(rng, 200, 64, 128, 4, 180, dtype, num_weights=2)
     sizes = jnp.asarray(sizes)
     dy = jnp.asarray(rng.standard_normal((200, 256)), dtype)
