@@ -17,6 +17,8 @@ written to OUT/moe.json:
    matmul of the same FLOPs; 4 and 32 experts, 6144 -> 18432 (w1|w3) and 9216 -> 6144 (w2).
 4. layer: the whole ``SparseMoE`` (D 6144, F 9216, top-2) forward and forward+backward, and a
    forward breakdown (routing, gather in, experts, gather out + combine).
+
+``--render OUT/moe.json`` prints the markdown tables of a finished run.
 """
 
 from __future__ import annotations
@@ -295,11 +297,43 @@ def bench_layer(results: dict, budget: float) -> None:
         del moe, state
 
 
+def render(results: dict) -> str:
+    """Markdown tables of a results dict (as written to moe.json)."""
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    lines = ["| M | experts | layer | pass | dense ms | ours ms (TFLOP/s) | lax.ragged_dot ms | "
+             "JAX mgpu ms | jla ms | dense ms / ours ms | JAX ms / ours ms | jla ms / ours ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["bench"]:
+        ours = r.get("ours")
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
+        lines.append(
+            f"| {r['m']} | {r['experts']} | {r['layer']} | {r['pass']} | {fmt(r.get('dense'))} | "
+            f"{fmt(ours)} ({fmt(r.get('ours_tflops'), '.0f')}) | {fmt(r.get('xla'))} | "
+            f"{fmt(r.get('jax_mgpu'))} | {fmt(r.get('jla'))} | {ratio(r.get('dense'), ours)} | "
+            f"{ratio(r.get('jax_mgpu'), ours)} | {ratio(r.get('jla'), ours)} |")
+    lines += ["", "| experts | tokens | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | "
+              "us/token (fwd+bwd) | fwd parts ms: routing / gather in / experts / gather out |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results["layer"]:
+        p = r["fwd_parts_ms"]
+        lines.append(
+            f"| {r['experts']} | {r['tokens']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd+bwd_ms'])} | "
+            f"{fmt(r['fwd_tflops'], '.0f')} | {fmt(r['fwd+bwd_tflops'], '.0f')} | "
+            f"{fmt(r['us_per_token_fwd+bwd'], '.3f')} | {p['routing']:.2f} / {p['gather_in']:.2f} / "
+            f"{p['experts']:.2f} / {p['gather_out_combine']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget", type=float, default=270.0)
+    parser.add_argument("--render", help="print the tables of a moe.json and exit")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            print(render(json.load(f)))
+        return
     dev = jax.devices()[0]
     results = {"device": dev.device_kind, "jax": jax.__version__, "sweep": [], "check": [],
                "bench": [], "layer": []}
@@ -316,6 +350,7 @@ def main() -> None:
             print(f"section failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    print(render(results))
     print(f"done in {time.perf_counter() - START:.0f} s", flush=True)
 
 
