@@ -62,7 +62,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
       position 0; None means zeros.
     segment_ids: int ``[B, T]`` or None; the state is reset to zero before position t whenever
       ``segment_ids[:, t] != segment_ids[:, t - 1]``.
-    impl: one of ``IMPLS``.
+    impl: one of ``IMPLS``. With "pallas" (and "auto" on Hopper) slopes are constants: no gradient
+      flows to them; "chunked" and "reference" differentiate them too.
     block_size: block length of the "chunked" form.
 
   Returns:

@@ -15,11 +15,16 @@ scan(q, k, v); the backward pass is three more scans:
     dk = scan(v, do, q)                  reverse, initial state dS_T^T / lam
     dv = scan(k, q, do)                  reverse, initial state dS_T / lam; dS0 = lam * its final state
 
-For parallelism over long sequences the time axis is split into P pieces of whole chunks: a
-state-only scan of every piece from a zero state, a short ``lax.scan`` over pieces that combines
-those into each piece's entering state, then the full scan of all pieces at once.
+The backward scans reuse known states: dq's per-piece states are the forward's transposed, dk's
+the dv scan's transposed. Slopes are constants of the kernels (no gradient flows to them).
 
-Runs on Hopper through Mosaic GPU and on the CPU in Pallas' GPU interpret mode (the CI tests).
+For parallelism over long sequences the time axis is split into P pieces of whole chunks: a
+state-only scan of every piece from a zero state, one einsum over pieces that combines those into
+each piece's entering state, then the full scan of all pieces at once.
+
+The intra-chunk mask lam^|i-j| is computed once per program into shared memory; per-token decays
+are [C] row vectors. Runs on Hopper through Mosaic GPU and on the CPU in Pallas' GPU interpret mode
+(the CI tests). Design, versions and measurements: benchmarks/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -408,7 +413,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def lightning_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array,
                                initial_state: jax.Array | None, segment_ids: jax.Array | None,
                                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Kernel path of ``lightning_attention`` (differentiable; see ``supports`` for the inputs).
+  """Kernel path of ``lightning_attention`` (see ``supports`` for the inputs it takes).
+
+  Differentiable in q, k, v and initial_state; slopes are treated as constants (zero gradient).
 
   q, k, v ``[B, T, H, D]`` bf16/f16, D 64 or 128; slopes ``[H]``; initial_state float32
   ``[B, H, D, D]`` or None; segment_ids int ``[B, T]`` or None. Returns o ``[B, T, H, D]`` in q's

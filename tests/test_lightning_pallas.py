@@ -136,3 +136,9 @@ def test_combine_pieces_matches_sequential_recurrence(rng):
       keep = 0.0 if cut[row, piece] else 1.0
       state = keep * np.exp(-slopes * n_real[piece])[:, None, None] * state + deltas[row, piece]
   assert rel_err(got, expected) < 1e-6
+
+
+def test_shorter_than_one_chunk(rng):
+  """T = 5: one partly padded chunk, one pipeline stage."""
+  check_against_float64(rng, b=1, t=5, slopes=SLOPES[[1]], d=64, dtype=jnp.bfloat16,
+                        segments=True, initial_state=True)
