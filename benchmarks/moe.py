@@ -43,7 +43,7 @@ D, F = 6144, 9216
 LAYERS = {"w13": (D, F, 2), "w2": (F, D, 1)}  # contraction, width per weight, weights
 LAYER_TOKENS = (8192, 32768)  # M = 16384 and 65536 expert rows at top-2
 SWEEP = {
-    "fwd": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 1, True),
+    "fwd": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 1, True), Tiles(128, 128, 64, 4, 8, True),
             Tiles(64, 256, 64, 4, 1, True)],
     "dw": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 4)],
 }
