@@ -1,5 +1,6 @@
 """Grouped matmul: the dispatch and the "xla" path against a per-group numpy oracle, and the Mosaic
-GPU kernels (forward, d_x, d_w through the custom_vjp) in Pallas' GPU interpret mode on the CPU."""
+GPU kernels (forward, d_x, d_w through the custom_vjp) in Pallas' GPU interpret mode on the CPU,
+with its race detector on."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from pallas_kernels import grouped_matmul
+from pallas_kernels import grouped_matmul, grouped_matmul_gpu
 from pallas_kernels.grouped_matmul import grouped_matmul_pallas, pick_tiles, supports
 
 gmm_module = sys.modules["pallas_kernels.grouped_matmul"]  # the package exports the function
@@ -92,6 +95,9 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     in JAX's schedule, or aligned to 8 rows."""
     candidates = tuple(dataclasses.replace(t, aligned=aligned) for t in gmm_module.CANDIDATES)
     monkeypatch.setattr(gmm_module, "CANDIDATES", candidates)
+    monkeypatch.setattr(grouped_matmul_gpu, "_interpret_params",
+                        lambda interpret: InterpretGPUParams(detect_races=True))
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
     x, ws, sizes = make_inputs(rng, 200, 64, 128, 4, 180, dtype, num_weights=2)
     sizes = jnp.asarray(sizes)
     dy = jnp.asarray(rng.standard_normal((200, 256)), dtype)
@@ -108,3 +114,4 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     assert np.all(np.asarray(dx[180:]) == 0) and np.all(np.asarray(dw1[1]) == 0)
     for got, want in ((dx, rdx), (dw1, rdw1), (dw3, rdw3)):
         assert rel_err(got, want) < TOL[dtype]
+    assert not interpret_pallas_call.get_races().races_found
