@@ -2,6 +2,8 @@
 the same for Hugging Face transformers' `generate` on the same weights (exported to HF).
 
     python benchmarks/serve.py --config configs/small.yaml --batches 1 8 64 --hf --out results.json
+    python benchmarks/serve.py --config configs/small.yaml --override hidden_size=512 ... \
+        --long-prompt 1048576 --prefill-chunk 8192      # one long prefill: seconds, peak memory
 
 Random weights (the speed does not depend on them), random prompt ids, greedy, no EOS (every
 request generates exactly --new-tokens). Per batch size b, b requests arrive at once:
@@ -80,6 +82,30 @@ def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, se
     return results
 
 
+def bench_long_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> dict:
+    """Prefill one prompt of n_tokens (chunked) and sample a token: seconds and peak device memory."""
+    import jax
+
+    engine = Engine(model, NoEosTokenizer(), max_batch=1, max_context=n_tokens + 1, prefill_chunk=chunk,
+                    prefill_rows=1)
+    engine.start()
+    prompt = np.random.default_rng(seed).integers(0, model.config.vocab_size, n_tokens)
+    t0 = time.perf_counter()
+    engine.generate(prompt[:chunk].tolist(), SamplingParams(max_tokens=1, temperature=0.0))  # compile
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = engine.generate(prompt.tolist(), SamplingParams(max_tokens=1, temperature=0.0), timeout=3600)
+    seconds = time.perf_counter() - t0
+    engine.stop()
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {"tokens": n_tokens, "chunk": chunk, "seconds": seconds, "tokens_per_s": n_tokens / seconds,
+              "compile_s": compile_s, "finish_reason": out.finish_reason,
+              "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+              "cache_gib": sum(x.nbytes for x in jax.tree.leaves(engine.steps.cache)) / 2**30}
+    print(f"long prefill: {result}", flush=True)
+    return result
+
+
 def bench_hf(model, batches, prompt_len, new_tokens, seed=0) -> dict:
     import torch
     import transformers
@@ -128,6 +154,8 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--prefill-rows", type=int, default=8)
     p.add_argument("--hf", action="store_true", help="also time transformers' generate")
+    p.add_argument("--long-prompt", type=int, default=0,
+                   help="instead: prefill one prompt of this many tokens; time and peak memory")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -135,6 +163,15 @@ def main() -> None:
 
     cfg = MiniMaxConfig.from_yaml(args.config, args.override)
     model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    if args.long_prompt:
+        results = {"device": str(jax.devices()[0].device_kind), "config": args.config,
+                   "overrides": args.override, "long_prefill": bench_long_prefill(model, args.long_prompt,
+                                                                                   args.prefill_chunk)}
+        print(json.dumps(results, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     results = {"device": str(jax.devices()[0].device_kind), "config": args.config, "overrides": args.override,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "engine": bench_engine(model, args.batches, args.prompt_len, args.new_tokens,
