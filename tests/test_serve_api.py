@@ -109,6 +109,11 @@ def test_default_chat_format_and_checkpoint_templates(tmp_path):
     assert ChatTemplate.from_dir(tmp_path).render([("user", "hi")]) == "[user]hi>"
     with pytest.raises(ValueError, match="unsupported message role 'tool'"):
         ChatTemplate().render([("tool", "x")])
+    strict = ChatTemplate("{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}")
+    with pytest.raises(ValueError, match="system first"):
+        strict.render([("user", "x")])
+    with pytest.raises(ValueError, match="the chat template failed"):
+        ChatTemplate("{{ messages[0].nope.deeper }}").render([("user", "x")])
 
 
 def test_streaming_equals_the_whole_answer_and_reports_usage(served, client):

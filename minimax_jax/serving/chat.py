@@ -55,7 +55,11 @@ class ChatTemplate:
         if source is not None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+            def raise_exception(message: str) -> None:  # what HF chat templates call on bad input
+                raise ValueError(message)
+
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(source)
 
     @classmethod
@@ -66,7 +70,8 @@ class ChatTemplate:
     def render(self, messages: list[tuple[str, str]]) -> str:
         """(role, text) pairs -> prompt text ending with the assistant's generation prompt.
 
-        Roles: system, developer (= system), user, assistant; ValueError names any other.
+        Roles: system, developer (= system), user, assistant; ValueError names any other, and
+        carries the message of a checkpoint template that rejects the conversation.
         """
         normalized = []
         for role, text in messages:
@@ -77,7 +82,12 @@ class ChatTemplate:
             normalized.append((role, text))
         if self._template is None:
             return default_chat_prompt(normalized)
-        return self._template.render(
-            messages=[{"role": r, "content": t} for r, t in normalized], add_generation_prompt=True,
-            bos_token=BOS, eos_token=EOS,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(
+                messages=[{"role": r, "content": t} for r, t in normalized], add_generation_prompt=True,
+                bos_token=BOS, eos_token=EOS,
+            )
+        except TemplateError as e:
+            raise ValueError(f"the chat template failed: {e}") from e
