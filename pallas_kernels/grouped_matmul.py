@@ -3,7 +3,8 @@
 ``grouped_matmul(x, w, group_sizes, *, impl="auto")``: rows of x sorted by group, row r of group g
 multiplied by ``w[g]``. Implementations: "xla" (``jax.lax.ragged_dot``, everywhere; the oracle),
 "pallas" (Mosaic GPU kernels for Hopper with a ``custom_vjp``: forward, d_x and d_w kernels; calls
-the kernels do not support fall back to "xla") and "auto" (the same as "pallas").
+the kernels do not support fall back to "xla") and "auto" ("pallas" on the device kinds in
+``VERIFIED_DEVICES``, else "xla").
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from pallas_kernels.grouped_matmul_gpu import Tiles, ragged_matmul, transposed_r
 
 IMPLS = ("auto", "pallas", "xla")
 
-# Tiles per (kernel, contraction size, output width per weight), measured on one H100
-# (benchmarks/moe.py --sweep); other shapes take the first candidate that divides them.
+# Tiles per (kernel, contraction size, output width per weight), the fastest of benchmarks/moe.py's
+# sweep on a GPU (none measured yet); other shapes take the first candidate that divides them,
+# JAX's example tiling (128 x 128 x 64, 4 stages) first.
 TILE_TABLE: dict[tuple[str, int, int], Tiles] = {}
 CANDIDATES = (Tiles(128, 128, 64, 4, 1), Tiles(64, 128, 64, 4, 1), Tiles(64, 64, 64, 4, 1))
+MIN_ROWS = 128  # the tallest tile (block_m, or block_k of the d_w kernel) in the table
+# Device kinds on which the GPU check of benchmarks/moe.py passed: "auto" takes the kernels only
+# there, "pallas" on any Hopper GPU.
+VERIFIED_DEVICES: tuple[str, ...] = ()
 
 
 def pick_tiles(kernel: str, k: int, n: int) -> Tiles | None:
@@ -43,10 +49,11 @@ def _kernel_tiles(ws: tuple[jax.Array, ...]) -> tuple[Tiles, Tiles, Tiles] | Non
 
 def supports(x: jax.Array, ws: tuple[jax.Array, ...]) -> bool:
     """Whether the kernels handle this call on the default device: Hopper, x and every weight
-    bf16 (or all f16), at least one row, sizes the tiles divide."""
+    bf16 (or all f16), at least ``MIN_ROWS`` rows (no tile taller than the array), sizes the tiles
+    divide."""
     if x.dtype not in (jnp.bfloat16, jnp.float16) or any(w.dtype != x.dtype for w in ws):
         return False
-    if x.shape[0] == 0 or _kernel_tiles(ws) is None:
+    if x.shape[0] < MIN_ROWS or _kernel_tiles(ws) is None:
         return False
     device = jax.devices()[0]
     return device.platform == "gpu" and getattr(device, "compute_capability", "") in ("9.0", "9.0a")
@@ -116,6 +123,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], group_sizes
         raise ValueError(f"x {x.shape} must be [M, K] and w {[v.shape for v in ws]} equal [G, K, N]")
     if ws[0].shape[1] != x.shape[1] or group_sizes.shape != (ws[0].shape[0],):
         raise ValueError(f"x {x.shape}, w {ws[0].shape}, group_sizes {group_sizes.shape} disagree")
-    if impl != "xla" and supports(x, ws):
+    verified = impl == "pallas" or jax.devices()[0].device_kind in VERIFIED_DEVICES
+    if impl != "xla" and verified and supports(x, ws):
         return grouped_matmul_pallas(x, ws, group_sizes)
     return _xla(x, ws, group_sizes)
