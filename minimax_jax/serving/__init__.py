@@ -1,4 +1,21 @@
-"""Serving: a continuous-batching engine over fixed slots and an OpenAI-compatible HTTP API."""
+"""Serving: a continuous-batching engine over fixed slots and an OpenAI-compatible HTTP API.
+
+    python serve.py --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-context 2048]
+
+Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives server-sent events
+ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus).
+
+Modules, one job each: `engine` (the background loop: slots, admission, chunked prefill, batched
+decode, aborts), `steps` (the compiled fixed-shape steps over the cache), `sampling` (per-row
+temperature / top_p / top_k / seed, logprobs), `textstream` (incremental detokenization, stop
+strings), `chat` (chat templates), `protocol` (request bodies), `api` (routes, SSE, errors),
+`metrics`, `server` (assembly, uvicorn), `cli` (`serve.py`).
+
+Exactness: greedy output does not depend on the other requests in the batch (fixed shapes, rows
+independent) and equals `minimax_jax.generate` for the same prompt (tests/test_serve_engine.py).
+K/V of the softmax layers is one contiguous region per slot (max_context + prefill_chunk - 1
+positions); the lightning layers keep one float32 state per slot.
+"""
 
 from minimax_jax.serving.engine import Engine, Output, SamplingParams
 

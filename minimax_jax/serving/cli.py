@@ -1,7 +1,8 @@
 """`python serve.py`: serve a checkpoint over the OpenAI-compatible API.
 
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-                    [--max-context 2048] [--prefill-chunk 256] [--dtype float32] [--model-name NAME]
+                    [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--dtype float32]
+                    [--model-name NAME]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
 `python train.py --config configs/tiny.yaml` writes).
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8, help="slots decoded together")
     p.add_argument("--max-context", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    p.add_argument("--prefill-rows", type=int, default=4, help="prompts prefilled together per step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
     return p.parse_args(argv)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.checkpoint)
         served = build(model, tokenizer, model_name=args.model_name or args.checkpoint.resolve().name,
                        checkpoint_dir=args.checkpoint, max_batch=args.max_batch,
-                       max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+                       max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                       prefill_rows=args.prefill_rows)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -31,11 +31,11 @@ class Served:
 
 def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
           checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
-          prefill_chunk: int = 256) -> Served:
+          prefill_chunk: int = 256, prefill_rows: int = 4) -> Served:
     """Engine (started and warmed up: every step compiled) + app. The chat template comes from
     `checkpoint_dir`'s tokenizer files when it has one, else MiniMax's default format."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, prefill_rows=prefill_rows)
     engine.start()
     engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # compile every step
     app = create_app(engine, tokenizer, model_name=model_name,
