@@ -180,7 +180,7 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
                 )(x_gmem, w_gmem.at[group])
 
             def acc_scope(acc_ref):
-                @pl.when((group < g) & (size > 0))
+                @pl.when(group < g)  # the virtual group past the real ones stores zeros
                 def _():
                     if transpose_rhs:  # the weights split the contraction: one accumulation
                         for j, w_gmem in enumerate(w_gmems):
@@ -196,8 +196,10 @@ def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Arra
 
                 return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-            _store_rows(acc, o_gmem, row0, lo, size, ni * bn, bm, bn, m)
+            @pl.when(size > 0)
+            def _():
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
+                _store_rows(acc, o_gmem, row0, lo, size, ni * bn, bm, bn, m)
 
     kernel = plgpu.kernel(
         body,
