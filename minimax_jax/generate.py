@@ -10,6 +10,7 @@ from flax import nnx
 
 from minimax_jax.cache import init_cache
 from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.sampling import filtered_logits
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float,
@@ -21,20 +22,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_
     """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    neg = jnp.finfo(logits.dtype).min
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep a token while the mass before it is below top_p (the top token always stays)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    b = logits.shape[0]
+    filtered = filtered_logits(logits, jnp.full((b,), temperature, jnp.float32),
+                               jnp.full((b,), top_p, jnp.float32), jnp.full((b,), top_k, jnp.int32))
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(
