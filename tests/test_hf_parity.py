@@ -67,7 +67,9 @@ def test_greedy_generation_matches_hf(hf_model_dir):
     model = load_model(path, dtype="float32")
     prompt = torch.randint(0, 128, (2, 37))
     with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                           pad_token_id=0, eos_token_id=None)[:, 37:].numpy()
+        # an explicit all-ones mask: without it HF would take prompt tokens equal to pad_token_id
+        # for padding
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                           do_sample=False, min_new_tokens=16, pad_token_id=0, eos_token_id=None)[:, 37:].numpy()
     got = np.asarray(generate(model, jnp.asarray(prompt.numpy(), jnp.int32), 16))
     np.testing.assert_array_equal(got, want)
