@@ -252,8 +252,8 @@ def bench_layer(results: dict, budget: float) -> None:
 
     for e in (4, 32):
         cfg = MiniMaxConfig(hidden_size=D, intermediate_size=F, num_local_experts=e,
-                            dtype="bfloat16", param_dtype="bfloat16")
-        moe = SparseMoE(cfg, rngs=nnx.Rngs(0), impl="pallas")
+                            dtype="bfloat16", param_dtype="bfloat16", moe_impl="pallas")
+        moe = SparseMoE(cfg, rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(moe)
         k = cfg.num_experts_per_tok
         for tokens in LAYER_TOKENS:

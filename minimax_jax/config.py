@@ -20,6 +20,7 @@ FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
 DTYPES = ("float32", "bfloat16", "float16")
 LIGHTNING_IMPLS = ("auto", "pallas", "chunked", "reference")
+MOE_IMPLS = ("auto", "pallas", "xla")
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,8 @@ class MiniMaxConfig:
     `layer_types[l]` is "linear_attention" (lightning) or "full_attention" (softmax GQA) for
     absolute layer l. `rotary_dim` is the number of leading head dims rotated by RoPE.
     `dtype` is the activation (compute) dtype, `param_dtype` the dtype parameters are stored in.
-    `remat` recomputes each scanned block's activations in the backward pass instead of storing them.
+    `lightning_impl` and `moe_impl` pick the kernels (`pallas_kernels.lightning_attention`,
+    `pallas_kernels.grouped_matmul`). `remat` recomputes each scanned block's activations in the backward pass instead of storing them.
     """
 
     vocab_size: int = 200064
@@ -65,6 +67,7 @@ class MiniMaxConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     lightning_impl: str = "auto"
+    moe_impl: str = "auto"
     remat: bool = False
 
     def __post_init__(self) -> None:
@@ -92,7 +95,7 @@ class MiniMaxConfig:
                 f"[1, num_local_experts={self.num_local_experts}]"
             )
         for key, valid in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                           ("lightning_impl", LIGHTNING_IMPLS)):
+                           ("lightning_impl", LIGHTNING_IMPLS), ("moe_impl", MOE_IMPLS)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
 

@@ -95,12 +95,12 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Arra
 class SparseMoE(nnx.Module):
     """`block_sparse_moe`: router `gate` `[D, E]` and experts `w1`, `w3` `[E, D, F]`, `w2` `[E, F, D]`."""
 
-    def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs, impl: str = "auto"):
+    def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
         d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
         pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
         self.dtype = jnp.dtype(cfg.dtype)
         self.top_k = cfg.num_experts_per_tok
-        self.impl = impl  # grouped matmul implementation
+        self.impl = cfg.moe_impl  # grouped matmul implementation
         self.gate = param(rngs, (d, e), ("embed", None), pd, stddev=std)
         self.w1 = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, stddev=std)
         self.w3 = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, stddev=std)

@@ -55,7 +55,7 @@ def test_forward_matches_numpy_oracle(rng):
 
 def test_gradients_match_dense(rng):
     cfg = tiny_config()
-    layer = SparseMoE(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))), impl="xla")
+    layer = SparseMoE(cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = jnp.asarray(rng.standard_normal((2, 29, cfg.hidden_size)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     graphdef, state = nnx.split(layer)
@@ -91,7 +91,7 @@ def test_layer_through_kernels_interpret(rng, monkeypatch):
     """The layer with its grouped matmuls on the Mosaic GPU kernels (interpret mode) equals the
     lax.ragged_dot layer, gradients included."""
     cfg = tiny_config(intermediate_size=128)
-    layer = SparseMoE(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))), impl="xla")
+    layer = SparseMoE(cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = jnp.asarray(rng.standard_normal((1, 45, cfg.hidden_size)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     graphdef, state = nnx.split(layer)
