@@ -45,8 +45,14 @@ def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def greedy_text(served, text: str, max_tokens: int) -> str:
-    return served.engine.generate(ByteTokenizer().encode(text), SamplingParams(max_tokens, 0.0)).text
+def greedy_text(served, prompt: list[int], max_tokens: int) -> str:
+    return served.engine.generate(prompt, SamplingParams(max_tokens, 0.0)).text
+
+
+def document(text: str) -> list[int]:
+    """How the server tokenizes a text prompt: BOS, then the text."""
+    tok = ByteTokenizer()
+    return [tok.bos_token_id, *tok.encode(text)]
 
 
 def test_models_health_and_metrics(served, client):
@@ -63,9 +69,9 @@ def test_completion_is_the_engines_greedy_output(served, client):
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
                                   logprobs=2)
     choice = r.choices[0]
-    assert choice.text == greedy_text(served, "Once upon a time", 12)
+    assert choice.text == greedy_text(served, document("Once upon a time"), 12)
     assert choice.finish_reason in ("length", "stop")
-    assert r.usage.prompt_tokens == len("Once upon a time") and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == 1 + len("Once upon a time") and r.usage.completion_tokens == 12
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
     assert all(len(top) <= 2 and v <= 0 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
@@ -75,13 +81,13 @@ def test_completion_accepts_token_ids_and_several_prompts(served, client):
     ids = ByteTokenizer().encode("abc")
     r = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=5, temperature=0, n=2)
     assert len(r.choices) == 4 and len({c.text for c in r.choices}) == 1
-    assert r.choices[0].text == greedy_text(served, "abc", 5)
+    assert r.choices[0].text == greedy_text(served, ids, 5)  # token ids are taken as they are
     assert r.usage.prompt_tokens == 6
 
 
 def test_chat_uses_the_template_and_accepts_typed_parts(served, client):
     messages = [("system", "Be brief."), ("user", "Hello there")]
-    expected = greedy_text(served, default_chat_prompt(messages), 10)
+    expected = greedy_text(served, ByteTokenizer().encode(default_chat_prompt(messages)), 10)
     plain = client.chat.completions.create(
         model=MODEL, max_tokens=10, temperature=0,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
@@ -139,7 +145,7 @@ def test_streaming_equals_the_whole_answer_and_reports_usage(served, client):
 
 def test_32_concurrent_requests_match_their_solo_answers(served, client):
     prompts = [f"Request {i}: " + "xyz" * (i % 7) for i in range(32)]
-    solo = [greedy_text(served, p, 8) for p in prompts]
+    solo = [greedy_text(served, document(p), 8) for p in prompts]
 
     def ask(i: int) -> str:
         if i % 2:
@@ -211,7 +217,7 @@ def test_a_server_side_failure_in_one_request_spares_the_others(served, client):
         return real_prefill(rows, tokens, mask, active, sampling)
 
     prompts = ["fine one", "fine two", "BOOM", "fine three"]
-    expected = [greedy_text(served, p, 6) for p in prompts if p != "BOOM"]
+    expected = [greedy_text(served, document(p), 6) for p in prompts if p != "BOOM"]
     steps.prefill = faulty_prefill
     try:
         def ask(p: str):

@@ -94,6 +94,15 @@ class Server:
             raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param=param)
         return self.tokenizer.encode(text)
 
+    def document(self, text: str) -> list[int]:
+        """A text prompt as training saw documents: BOS first, unless the text already starts
+        with it or the tokenizer has none. An empty text is an error."""
+        ids = self.encode(text, "prompt")
+        if not ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        bos = self.tokenizer.bos_token_id
+        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
     def sampling(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
                  prompt_len: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -129,11 +138,11 @@ class Server:
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         p = body.prompt
         if isinstance(p, str):
-            return [self.encode(p, "prompt")]
+            return [self.document(p)]
         if not p:
             raise APIError(400, "prompt is an empty list", param="prompt")
         if isinstance(p[0], str):
-            return [self.encode(s, "prompt") for s in p]
+            return [self.document(s) for s in p]
         if isinstance(p[0], int):
             return [list(p)]
         return [list(ids) for ids in p]
