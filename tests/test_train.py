@@ -19,7 +19,7 @@ from flax import nnx
 from minimax_jax import load_model
 from minimax_jax.config import ConfigError
 from minimax_jax.training.config import load_train_config
-from minimax_jax.training.loop import NonFiniteLoss, run
+from minimax_jax.training.loop import NonFiniteLoss, build_model, run
 from minimax_jax.training.metrics import read_metrics
 from minimax_jax.training.optimizer import make_optimizer
 from minimax_jax.training.step import TrainState, train_step
@@ -147,6 +147,14 @@ def test_init_from_fine_tunes_a_saved_model(corpus, tmp_path):
     b = dict(nnx.to_flat_state(nnx.state(load_model(second / "model"), nnx.Param)))
     for path, v in a:
         np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(b[path][...]), err_msg=str(path))
+    # the run's compute settings reach every layer of a model initialised from a checkpoint
+    tcfg, mcfg = load_train_config(ROOT / "configs/tiny.yaml",
+                                   _overrides(corpus, second, init_from=str(first / "model"),
+                                              **{"model.dtype": "bfloat16"}))
+    model = build_model(tcfg, mcfg)
+    assert model.config.dtype == "bfloat16" and model.config.param_dtype == "float32"
+    assert model.blocks.layers[0].self_attn.dtype == jnp.bfloat16
+    assert model.blocks.layers[0].block_sparse_moe.dtype == jnp.bfloat16
 
 
 def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):

@@ -32,7 +32,7 @@ log = logging.getLogger("minimax_jax.training")
 
 # Fields of the model config that describe how to compute, not the architecture: with
 # `init_from`, the architecture comes from the checkpoint and these come from the run's config.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "lightning_impl", "remat", "router_aux_loss_coef")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "lightning_impl", "moe_impl", "remat", "router_aux_loss_coef")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,12 +65,14 @@ def unigram_entropy(batches: list[dict[str, np.ndarray]]) -> float:
 
 
 def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> MiniMaxForCausalLM:
-    """A fresh model, or the weights of `init_from` (architecture from that checkpoint)."""
+    """A fresh model, or the weights of `init_from` (architecture from that checkpoint, the
+    compute fields of `mcfg`: every layer is built with them, then the weights are put in)."""
     if tcfg.init_from is None:
         return MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(tcfg.seed))
-    model = load_model(tcfg.init_from, dtype=mcfg.param_dtype)
-    compute = {k: getattr(mcfg, k) for k in COMPUTE_FIELDS}
-    model.config = model.config.replace(**compute)
+    loaded = load_model(tcfg.init_from, dtype=mcfg.param_dtype)
+    cfg = loaded.config.replace(**{k: getattr(mcfg, k) for k in COMPUTE_FIELDS})
+    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(model, nnx.state(loaded, nnx.Param))
     log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
     return model
 
