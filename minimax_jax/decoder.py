@@ -83,13 +83,13 @@ class DecoderBlock(nnx.Module):
         (key `[n_full, B, S, N, K]`, value, start) or None. Returns (h, new lightning_state or
         None, (key, value) or None, router stats stacked over the P layers).
         """
-        states, keys, values, stats = [], [], [], []
+        states, kvs, stats = [], [], []
         for i, layer in enumerate(self.layers):
             state = kv = None
             if layer.layer_type == LINEAR:
                 state = None if lightning_state is None else lightning_state[len(states)]
             elif kv_cache is not None:
-                kv = (kv_cache[0][len(keys)], kv_cache[1][len(keys)], kv_cache[2])
+                kv = (kv_cache[0][len(kvs)], kv_cache[1][len(kvs)], kv_cache[2])
             h, state, new_kv, layer_stats = layer(
                 h, slopes=slopes[i], positions=positions, visible=visible, mask=mask,
                 segment_ids=segment_ids, state=state, kv_cache=kv,
@@ -97,13 +97,12 @@ class DecoderBlock(nnx.Module):
             stats.append(layer_stats)
             if layer.layer_type == LINEAR:
                 states.append(state)
-            else:
-                keys.append(None if new_kv is None else new_kv[0])
-                values.append(None if new_kv is None else new_kv[1])
+            elif new_kv is not None:
+                kvs.append(new_kv)
         new_state = lightning_state
         if lightning_state is not None and states:
             new_state = jnp.stack(states)
         new_kv = None
         if kv_cache is not None:
-            new_kv = (jnp.stack(keys), jnp.stack(values)) if keys else kv_cache[:2]
+            new_kv = tuple(jnp.stack(x) for x in zip(*kvs)) if kvs else kv_cache[:2]
         return h, new_state, new_kv, jax.tree.map(lambda *x: jnp.stack(x), *stats)
