@@ -2,7 +2,7 @@
 
 Run on the device machine from the repository root (jla carried as a wheel):
 
-    python benchmarks/moe.py --out $OUT --budget 270
+    python benchmarks/moe.py --out $OUT --budget 420 [--sections check,sweep]
 
 Sections, each skipped once the time budget (seconds) is spent, results printed as they come and
 written to OUT/moe.json:
@@ -43,9 +43,11 @@ D, F = 6144, 9216
 LAYERS = {"w13": (D, F, 2), "w2": (F, D, 1)}  # contraction, width per weight, weights
 LAYER_TOKENS = (8192, 32768)  # M = 16384 and 65536 expert rows at top-2
 SWEEP = {
-    "fwd": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 1, True), Tiles(128, 128, 64, 4, 8, True),
-            Tiles(64, 256, 64, 4, 1, True)],
-    "dw": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 4)],
+    "fwd": [Tiles(128, 128, 64, 4, 1, True), Tiles(128, 128, 64, 4, 8, True),
+            Tiles(128, 128, 64, 5, 8, True), Tiles(128, 128, 64, 4, 16, True),
+            Tiles(64, 256, 64, 4, 8, True)],
+    "dw": [Tiles(128, 128, 64, 4, 1), Tiles(128, 128, 64, 4, 4), Tiles(128, 128, 64, 3, 8),
+           Tiles(128, 128, 128, 3, 4), Tiles(128, 128, 128, 2, 4)],
 }
 SWEEP["dx"] = SWEEP["fwd"]
 BF16 = jnp.bfloat16
@@ -325,11 +327,18 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = {"sweep": sweep, "check": check,
+            "bench16k": functools.partial(bench_matmuls, ms_list=(16384,)), "layer": bench_layer,
+            "bench64k": functools.partial(bench_matmuls, ms_list=(65536,))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget", type=float, default=270.0)
     parser.add_argument("--render", help="print the tables of a moe.json and exit")
+    parser.add_argument("--sections", default="sweep,check,bench16k,layer,bench64k",
+                        help="comma-separated subset of: " + ", ".join(SECTIONS))
     args = parser.parse_args()
     if args.render:
         with open(args.render) as f:
@@ -340,15 +349,17 @@ def main() -> None:
                "bench": [], "layer": []}
     print(results["device"], jax.__version__, flush=True)
     path = os.path.join(args.out, "moe.json")
-    for section in (sweep, check, functools.partial(bench_matmuls, ms_list=(16384,)), bench_layer,
-                    functools.partial(bench_matmuls, ms_list=(65536,))):
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+    for section in (SECTIONS[name] for name in args.sections.split(",")):
         if left(args.budget) < 0:
             print("out of time before", section, flush=True)
             break
         try:
             section(results, args.budget)
         except Exception as err:
-            print(f"section failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
+            print(f"section failed: {type(err).__name__}: {str(err)[:2000]}", flush=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
     print(render(results))

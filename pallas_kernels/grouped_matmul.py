@@ -19,15 +19,21 @@ from pallas_kernels.grouped_matmul_gpu import Tiles, ragged_matmul, transposed_r
 
 IMPLS = ("auto", "pallas", "xla")
 
-# Tiles per (kernel, contraction size, output width per weight), the fastest of benchmarks/moe.py's
-# sweep on a GPU (none measured yet); other shapes take the first candidate that divides them,
-# JAX's example tiling (128 x 128 x 64, 4 stages) first.
-TILE_TABLE: dict[tuple[str, int, int], Tiles] = {}
+# Tiles per (kernel, contraction size, output width per weight): the fastest of benchmarks/moe.py's
+# sweep at E = 32, M = 16384 on an H200 (2026-11-22; benchmarks/RESULTS.md); other shapes take the
+# first candidate that divides them, JAX's example tiling (128 x 128 x 64, 4 stages) first.
+_ROWS = Tiles(128, 128, 64, 4, 8, True)  # row tiles aligned to 8 rows, bands of 8 column tiles
+_DW = Tiles(128, 128, 64, 4, 4)
+TILE_TABLE: dict[tuple[str, int, int], Tiles] = {
+    ("fwd", 6144, 9216): _ROWS, ("dx", 9216, 6144): _ROWS, ("dw", 6144, 9216): _DW,
+    ("fwd", 9216, 6144): _ROWS, ("dx", 6144, 9216): _ROWS, ("dw", 9216, 6144): _DW,
+}
 CANDIDATES = (Tiles(128, 128, 64, 4, 1), Tiles(64, 128, 64, 4, 1), Tiles(64, 64, 64, 4, 1))
+ROW_MULTIPLE = 8  # the kernels' row count must be a multiple of their 8-row TMA tiling
 MIN_ROWS = 128  # the tallest tile (block_m, or block_k of the d_w kernel) in the table
 # Device kinds on which the GPU check of benchmarks/moe.py passed: "auto" takes the kernels only
 # there, "pallas" on any Hopper GPU.
-VERIFIED_DEVICES: tuple[str, ...] = ()
+VERIFIED_DEVICES: tuple[str, ...] = ("NVIDIA H200",)
 
 
 def pick_tiles(kernel: str, k: int, n: int) -> Tiles | None:
@@ -90,10 +96,14 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 def grouped_matmul_pallas(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array,
                           interpret: bool = False) -> jax.Array:
     """Kernel path of ``grouped_matmul`` (differentiable; ``supports`` says which calls; in
-    ``interpret`` mode any float dtype on the CPU). Same arguments, weights as a tuple."""
+    ``interpret`` mode any float dtype on the CPU). Same arguments, weights as a tuple. The
+    kernels' row tiling needs M a multiple of 8: other M get zero rows appended (past every
+    group) and cut off again."""
     if _kernel_tiles(ws) is None:
         raise ValueError(f"no tiles fit weights {[w.shape for w in ws]}")
-    return _pallas(x, ws, group_sizes.astype(jnp.int32), interpret)
+    m = x.shape[0]
+    x = jnp.pad(x, ((0, -m % ROW_MULTIPLE), (0, 0)))
+    return _pallas(x, ws, group_sizes.astype(jnp.int32), interpret)[:m]
 
 
 def _xla(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array) -> jax.Array:

@@ -98,14 +98,14 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     monkeypatch.setattr(grouped_matmul_gpu, "_interpret_params",
                         lambda interpret: InterpretGPUParams(detect_races=True))
     interpret_pallas_call.reset_gpu_interpret_mode_state()
-    x, ws, sizes = make_inputs(rng, 200, 64, 128, 4, 180, dtype, num_weights=2)
+    x, ws, sizes = make_inputs(rng, 203, 64, 128, 4, 180, dtype, num_weights=2)
     sizes = jnp.asarray(sizes)
-    dy = jnp.asarray(rng.standard_normal((200, 256)), dtype)
+    dy = jnp.asarray(rng.standard_normal((203, 256)), dtype)
 
     out, vjp = jax.vjp(lambda x, ws: grouped_matmul_pallas(x, ws, sizes, interpret=True), x, ws)
     ref, ref_vjp = jax.vjp(lambda x, ws: ragged_reference(x, ws, sizes),
                            x.astype(jnp.float32), tuple(w.astype(jnp.float32) for w in ws))
-    assert out.shape == (200, 256) and out.dtype == dtype
+    assert out.shape == (203, 256) and out.dtype == dtype
     assert np.all(np.asarray(out[180:]) == 0)
     assert rel_err(out, ref) < TOL[dtype]
     dx, (dw1, dw3) = vjp(dy)
@@ -115,3 +115,20 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     for got, want in ((dx, rdx), (dw1, rdw1), (dw3, rdw3)):
         assert rel_err(got, want) < TOL[dtype]
     assert not interpret_pallas_call.get_races().races_found
+
+
+@pytest.mark.parametrize("m", [256, 203])
+def test_kernels_lower_for_cuda(m):
+    """Forward and both gradients compile to Mosaic GPU for Hopper (lowered here on the CPU),
+    also when M is not a multiple of the kernels' 8-row tiling (interpret mode does not check it)."""
+    x = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+    ws = (jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16),) * 2
+    sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+    dy = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+
+    def fwd_bwd(x, ws, sizes, dy):
+        out, vjp = jax.vjp(lambda x, ws: grouped_matmul_pallas(x, ws, sizes), x, ws)
+        return out, vjp(dy)
+
+    text = jax.jit(fwd_bwd).trace(x, ws, sizes, dy).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu_v2") == 4  # forward, d_x and one d_w kernel per weight
