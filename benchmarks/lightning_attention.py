@@ -5,9 +5,12 @@ Run on the device machine from the repository root (peers carried as wheels, see
     python benchmarks/lightning_attention.py --check --bench --out $OUT
 
 --check: max relative error of impl="pallas" (outputs, final state, all gradients) against the
-         float64 chunked form on the GPU at MiniMax shapes, with segment ids and an initial state.
+         float64 chunked form on the GPU at MiniMax shapes (head dim 128 and 64), with segment ids
+         and an initial state.
 --bench: median ms of forward and forward+backward for ours, chunked and jla (same process), fla
          (benchmarks/fla_peer.py, its own process), decode, and the copy bandwidth of this run.
+--no-peers / --no-chunked: leave out jla and fla / the chunked path from --bench (a quicker run
+         that times only our kernels).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import lightning_attention, lightning_decode  # noqa: E402
 
 SHAPES = [(1, 4096, 64), (1, 16384, 64), (1, 65536, 8), (4, 8192, 16), (1, 262144, 8)]
-CHECK_SHAPES = [(1, 4096, 64), (2, 3000, 16)]
+CHECK_SHAPES = [(1, 4096, 64, 128), (2, 3000, 16, 128), (2, 3000, 16, 64)]  # B, T, H, D
 CHUNKED_MAX_TOKENS = 16384 * 64  # the chunked path is timed only up to this many token-heads
 DECODE_BATCHES = [1, 16, 64, 256]
 D = 128
@@ -67,17 +70,18 @@ def rel(a, b) -> float:
 
 def check(results: dict) -> None:
     rng = np.random.default_rng()
-    for b, t, h in CHECK_SHAPES:
-        shape = (b, t, h, D)
+    for b, t, h, d in CHECK_SHAPES:
+        shape = (b, t, h, d)
         q, k, v = (jnp.asarray(rng.normal(size=shape) * 0.5, jnp.bfloat16) for _ in range(3))
         slopes = jnp.asarray(minimax_slopes(h) * np.linspace(1.0, 0.0127, h).astype(np.float32))
-        s0 = jnp.asarray(rng.normal(size=(b, h, D, D)), jnp.float32)
+        s0 = jnp.asarray(rng.normal(size=(b, h, d, d)), jnp.float32)
         seg = np.ones((b, t), np.int32)
         seg[:, t // 3 :] = 2
         seg[:, (2 * t) // 3 + 5 :] = 1
         seg = jnp.asarray(seg)
         w_o = jnp.asarray(rng.normal(size=shape), jnp.float32)
-        w_s = jnp.asarray(rng.normal(size=(b, h, D, D)), jnp.float32)
+        w_s = jnp.asarray(rng.normal(size=(b, h, d, d)), jnp.float32)
+        key = f"B{b} T{t} H{h} D{d}"
 
         def loss(impl, dtype):
             def f(q, k, v, s0):
@@ -98,7 +102,7 @@ def check(results: dict) -> None:
             grads, (o, st) = loss("pallas", jnp.bfloat16)(q, k, v, s0)
         except Exception as e:  # report and go on to the timings
             print("check failed:", repr(e)[:2000], flush=True)
-            results.setdefault("check", {})[f"B{b} T{t} H{h}"] = {"failed": repr(e)[:500]}
+            results.setdefault("check", {})[key] = {"failed": repr(e)[:500]}
             continue
         with jax.enable_x64(True):
             q64, k64, v64 = (x.astype(jnp.float64) for x in (q, k, v))
@@ -107,7 +111,6 @@ def check(results: dict) -> None:
             errs = {"o": rel(o, o_ref), "final_state": rel(st, st_ref)}
             for name, g, gr in zip(("dq", "dk", "dv", "d_initial_state"), grads, grads_ref):
                 errs[name] = rel(g, gr)
-        key = f"B{b} T{t} H{h}"
         results.setdefault("check", {})[key] = errs
         print("check", key, " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
 
@@ -135,7 +138,7 @@ def check(results: dict) -> None:
     print(f"check decode B8 H64 max rel err={err:.2e}", flush=True)
 
 
-def bench_all(results: dict, peers: bool) -> None:
+def bench_all(results: dict, peers: bool, chunked: bool) -> None:
     bw = copy_bandwidth()
     results["copy_GBps"] = bw
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -162,7 +165,7 @@ def bench_all(results: dict, peers: bool) -> None:
             return lambda q, k, v, slopes, g: lightning_attention(q, k, v, slopes, impl=impl)[0]
 
         fns = {"ours": ours("pallas")}
-        if b * t * h <= CHUNKED_MAX_TOKENS:
+        if chunked and b * t * h <= CHUNKED_MAX_TOKENS:
             fns["chunked"] = ours("chunked")
         if jla is not None:
             fns["jla"] = lambda q, k, v, slopes, g: jax.tree.leaves(
@@ -218,6 +221,7 @@ def sweep(results: dict) -> None:
 
     rng = np.random.default_rng(1)
     rows = []
+    defaults = lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS
     for b, t, h in [(1, 16384, 64), (1, 65536, 8)]:
         q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, D)) * 0.5, jnp.bfloat16) for _ in range(3))
         slopes = jnp.asarray(minimax_slopes(h))
@@ -234,7 +238,7 @@ def sweep(results: dict) -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS = 3, 264
+    lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS = defaults
     jax.clear_caches()
     results["sweep"] = rows
 
@@ -294,6 +298,7 @@ def main() -> None:
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-chunked", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     results = {"jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -306,7 +311,7 @@ def main() -> None:
     if args.sweep:
         sweep(results)
     if args.bench:
-        bench_all(results, not args.no_peers)
+        bench_all(results, not args.no_peers, not args.no_chunked)
     with open(os.path.join(args.out, "lightning_results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if args.bench:

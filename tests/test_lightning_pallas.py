@@ -26,23 +26,27 @@ def rel_err(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-def random_segments(rng, b, t):
-    """Rows with boundaries at random places, one of them reusing an earlier id (1, 2, 1)."""
+def random_segments(rng, b, t, first_row_cuts=None):
+    """Rows with boundaries at random places (row 0 at ``first_row_cuts`` when given), one of them
+    reusing an earlier id (1, 2, 1)."""
     ids = np.ones((b, t), np.int32)
     for row in range(b):
         cut1, cut2 = np.sort(rng.choice(np.arange(1, t), size=2, replace=False))
+        if row == 0 and first_row_cuts is not None:
+            cut1, cut2 = first_row_cuts
         ids[row, cut1:] = 2
         ids[row, cut2:] = 1
     return jnp.asarray(ids)
 
 
-def check_against_float64(rng, b, t, slopes, d, dtype, segments, initial_state):
-    """Outputs, final state and gradients of q, k, v, initial_state vs the float64 recurrence."""
+def check_against_float64(rng, b, t, slopes, d, dtype, segments, initial_state, cuts=None):
+    """Outputs, final state and gradients of q, k, v, initial_state vs the float64 recurrence
+    (``cuts``: segment starts of row 0, see ``random_segments``)."""
     h = len(slopes)
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)) * 0.5, dtype) for _ in range(3))
     slopes = jnp.asarray(slopes, jnp.float32)
     s0 = jnp.asarray(rng.normal(size=(b, h, d, d)), jnp.float32) if initial_state else None
-    seg = random_segments(rng, b, t) if segments else None
+    seg = random_segments(rng, b, t, cuts) if segments else None
     w_o = rng.normal(size=(b, t, h, d))
     w_s = rng.normal(size=(b, h, d, d))
 
@@ -83,8 +87,12 @@ def check_against_float64(rng, b, t, slopes, d, dtype, segments, initial_state):
     assert not bad, f"errors above 1e-2 (bf16 inputs): {errs}"
 
 
-def test_segments_initial_state_pieces(rng, monkeypatch):
-    """T = 520 (not a multiple of the 64-token chunk): three pieces of three chunks per row."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_segments_initial_state_pieces(rng, monkeypatch, d):
+    """T = 520 (not a multiple of the 64-token chunk): three pieces of three chunks per row. Row 0
+    restarts at the first token of piece 1 (a piece and chunk boundary) and inside piece 1, a
+    segment that runs on through piece 2; row 1 at random places. D = 128 runs the backward's
+    fused kernel with two warpgroups sharing the state and scores, D = 64 with one."""
     monkeypatch.setattr(lightning_gpu, "TARGET_PROGRAMS", 12)
     assert lightning_gpu.num_pieces(2, 3, 9, lightning_gpu.TARGET_PROGRAMS) == 3
     check_against_float64(
@@ -92,10 +100,11 @@ def test_segments_initial_state_pieces(rng, monkeypatch):
         b=2,
         t=520,
         slopes=SLOPES[[0, 1, 2]],
-        d=64,
+        d=d,
         dtype=jnp.bfloat16,
         segments=True,
         initial_state=True,
+        cuts=(192, 300),
     )
 
 
@@ -112,6 +121,44 @@ def test_head_dim_128_one_piece(rng, monkeypatch):
         segments=False,
         initial_state=False,
     )
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_lowers_for_cuda(monkeypatch, d):
+    """Forward and backward kernels lower for CUDA on any machine (Mosaic GPU checks layouts and the
+    227 KB shared-memory budget while lowering), with pipelines at full depth (four chunks per
+    piece); dk and dv come from one fused reverse kernel."""
+    monkeypatch.setattr(lightning_gpu, "TARGET_PROGRAMS", 6)
+    configs = []
+    scan_call = lightning_gpu._scan_call
+
+    def recording(*args):
+        configs.append(args[-1])
+        return scan_call(*args)
+
+    monkeypatch.setattr(lightning_gpu, "_scan_call", recording)
+    b, t, h = 2, 12 * lightning_gpu.CHUNK, 1
+    q = jnp.zeros((b, t, h, d), jnp.bfloat16)
+    s0 = jnp.zeros((b, h, d, d), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2]], t // 2, axis=1).repeat(b, axis=0), jnp.int32)
+
+    def loss(q, k, v, s0):
+        o, state = lightning_gpu.lightning_attention_pallas(
+            q, k, v, jnp.full((h,), 0.1, jnp.float32), s0, seg
+        )
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    fn.trace(q, q, q, s0).lower(lowering_platforms=("cuda",))
+    kinds = sorted((c.reverse, c.state_only, c.dual) for c in configs)
+    # forward: state-only + full; dq: full (forward's states); dk, dv: state-only + fused
+    assert kinds == [
+        (False, False, False),
+        (False, False, False),
+        (False, True, False),
+        (True, False, True),
+        (True, True, False),
+    ]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
