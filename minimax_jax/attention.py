@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minimax_jax.cache import write_pages
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
 from minimax_jax.rope import apply_rope
@@ -17,17 +18,65 @@ NEG = float(jnp.finfo(jnp.float32).min)
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
                       key_block: int | None = None) -> jax.Array:
-    """Softmax attention with grouped KV heads.
+    """Softmax attention with grouped KV heads over contiguous keys.
 
     q `[B, T, H, K]`, k and v `[B, S, N, K]` (H a multiple of N; query head h uses kv head
     h // (H / N)), visible bool `[B, T, S]`. Scores scaled by 1/sqrt(K), softmax in float32,
     weights cast back to q's dtype. Returns `[B, T, H, K]` in q's dtype; a row with nothing
     visible gives finite (meaningless) output. With S > key_block (default KEY_BLOCK) the keys
-    are taken key_block at a time (`blockwise_attention`): memory grows with T * key_block, not T * S.
+    are taken key_block at a time with a running (online) softmax: memory grows with
+    T * key_block, not T * S.
     """
     key_block = KEY_BLOCK if key_block is None else key_block
-    if k.shape[1] > key_block:
-        return blockwise_attention(q, k, v, visible, key_block)
+    s = k.shape[1]
+    if s <= key_block:
+        return _dense_attention(q, k, v, visible)
+    nblk = -(-s // key_block)
+
+    def blocks(x: jax.Array, axis: int) -> jax.Array:  # split the key axis, blocks first
+        x = jnp.pad(x, [(0, nblk * key_block - s) if a == axis else (0, 0) for a in range(x.ndim)])
+        x = x.reshape(x.shape[:axis] + (nblk, key_block) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    kv_blocks = (blocks(k, 1), blocks(v, 1))
+    return _online_softmax(q, k.shape[2], kv_blocks, blocks(visible, 2), lambda kv, vis: kv)
+
+
+def paged_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax.Array,
+                    page_table: jax.Array, visible: jax.Array, *,
+                    key_block: int | None = None) -> jax.Array:
+    """`grouped_attention` over keys kept in a pool of pages.
+
+    q `[B, T, H, K]`; key_pages, value_pages `[P, Z, N, K]` (P pages of Z tokens); page_table
+    int32 `[B, R]`: row b's keys are the pages page_table[b] in order (S = R * Z slots; entries
+    out of range read some page, which `visible` must hide); visible bool `[B, T, S]`. Returns
+    `[B, T, H, K]` in q's dtype, equal to `grouped_attention` on the gathered keys. Values that
+    no query sees are zeroed (stale pages may hold anything). With S > key_block (default
+    KEY_BLOCK) the pages are gathered max(1, key_block // Z) at a time, online softmax.
+    """
+    key_block = KEY_BLOCK if key_block is None else key_block
+    z, n, kd = key_pages.shape[1:]
+    b, r = page_table.shape
+    per_block = max(1, key_block // z)
+
+    def gather(table: jax.Array, vis: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The keys and values of pages table `[B, r]` -> `[B, r * Z, N, K]` each."""
+        k, v = (jnp.take(x, table, axis=0, mode="clip").reshape(b, -1, n, kd).astype(q.dtype)
+                for x in (key_pages, value_pages))
+        return k, jnp.where(jnp.any(vis, axis=1)[:, :, None, None], v, 0)
+
+    if r <= per_block:
+        return _dense_attention(q, *gather(page_table, visible), visible)
+    nblk = -(-r // per_block)
+    tables = jnp.pad(page_table, ((0, 0), (0, nblk * per_block - r))).reshape(b, nblk, per_block)
+    t = visible.shape[1]
+    vis = jnp.pad(visible, ((0, 0), (0, 0), (0, (nblk * per_block - r) * z)))
+    vis = jnp.moveaxis(vis.reshape(b, t, nblk, per_block * z), 2, 0)
+    return _online_softmax(q, n, jnp.moveaxis(tables, 1, 0), vis, gather)
+
+
+def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """`grouped_attention` in one piece: scores `[B, N, G, T, S]` at once."""
     b, t, h, kd = q.shape
     n = k.shape[2]
     qg = q.reshape(b, t, n, h // n, kd)
@@ -39,24 +88,21 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arr
     return out.reshape(b, t, h, kd)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
-                        key_block: int) -> jax.Array:
-    """`grouped_attention` over blocks of `key_block` keys with a running (online) softmax in
-    float32, `lax.scan` over the blocks; blocks with nothing visible are skipped. Same shapes
-    and dtypes; a row with nothing visible gives zeros."""
+def _online_softmax(q: jax.Array, n: int, blocks, visible: jax.Array, fetch) -> jax.Array:
+    """Attention over key blocks with a running softmax in float32, `lax.scan` over the blocks.
+
+    q `[B, T, H, K]`, n kv heads; `blocks`: arrays with a leading block axis, fetch(block,
+    visible block) -> (keys, values) `[B, Sb, N, K]`; visible bool `[nblk, B, T, Sb]`. Blocks
+    with nothing visible are skipped (not fetched). Returns `[B, T, H, K]` in q's dtype; a row
+    with nothing visible gives zeros.
+    """
     b, t, h, kd = q.shape
-    s, n = k.shape[1], k.shape[2]
-    g, nblk = h // n, -(-s // key_block)
-    pad = nblk * key_block - s
+    g = h // n
     qg = q.reshape(b, t, n, g, kd)
 
-    def blocks(x: jax.Array, axis: int) -> jax.Array:  # split the key axis, blocks first
-        x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-        x = x.reshape(x.shape[:axis] + (nblk, key_block) + x.shape[axis + 1:])
-        return jnp.moveaxis(x, axis, 0)
-
-    def attend(carry, kb, vb, vis):
+    def attend(carry, block, vis):
         m, l, acc = carry  # running max [B, N, G, T], sum [B, N, G, T], output [B, T, N, G, K]
+        kb, vb = fetch(block, vis)
         scores = jnp.einsum("btngk,bsnk->bngts", qg, kb, preferred_element_type=jnp.float32)
         scores = jnp.where(vis[:, None, None], scores * (kd ** -0.5), NEG)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
@@ -67,22 +113,15 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.A
         return m_new, l * scale + jnp.sum(p, axis=-1), acc
 
     def step(carry, xs):
-        kb, vb, vis = xs
-        return jax.lax.cond(jnp.any(vis), lambda c: attend(c, kb, vb, vis), lambda c: c, carry), None
+        block, vis = xs
+        return jax.lax.cond(jnp.any(vis), lambda c: attend(c, block, vis), lambda c: c, carry), None
 
     init = (jnp.full((b, n, g, t), NEG, jnp.float32), jnp.zeros((b, n, g, t), jnp.float32),
             jnp.zeros((b, t, n, g, kd), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(step, init, (blocks(k, 1), blocks(v, 1), blocks(visible, 2)))
+    (_, l, acc), _ = jax.lax.scan(step, init, (blocks, visible))
     denom = jnp.moveaxis(l, 3, 1)[..., None]
     out = jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
     return out.astype(q.dtype).reshape(b, t, h, kd)
-
-
-def write_rows(buffer: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
-    """Write chunk `[B, T, ...]` into buffer `[B, S, ...]` at slots start[b]..start[b]+T-1 of row b."""
-    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x, s, axis=0))(
-        buffer, chunk, start
-    )
 
 
 class SoftmaxAttention(nnx.Module):
@@ -104,14 +143,15 @@ class SoftmaxAttention(nnx.Module):
         *,
         positions: jax.Array,
         visible: jax.Array,
-        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x `[B, T, D]`, positions int32 `[B, T]` (for RoPE).
 
         Without a cache, `visible` is bool `[B, T, T]` over this chunk's own keys. With
-        kv_cache = (key `[B, S, N, K]`, value `[B, S, N, K]`, start int32 `[B]`), row b's keys are
-        written at slots start[b]..start[b]+T-1 and `visible` is `[B, T, S]` over all slots.
-        Returns (out `[B, T, D]`, updated (key, value) or None).
+        kv_cache = (key pages `[P, Z, N, K]`, value pages, page_table int32 `[B, R]`, start int32
+        `[B]`), row b's keys are written at its slots start[b]..start[b]+T-1 (see `write_pages`)
+        and `visible` is `[B, T, R * Z]` over all of its slots.
+        Returns (out `[B, T, D]`, updated (key pages, value pages) or None).
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
@@ -119,13 +159,13 @@ class SoftmaxAttention(nnx.Module):
         v = jnp.einsum("btd,dnk->btnk", x, self.v_proj[...].astype(self.dtype))
         q = apply_rope(q, positions, theta=self.theta, rotary_dim=self.rotary_dim)
         k = apply_rope(k, positions, theta=self.theta, rotary_dim=self.rotary_dim)
-        new_cache = None
-        if kv_cache is not None:
-            key, value, start = kv_cache
-            key = write_rows(key, k.astype(key.dtype), start)
-            value = write_rows(value, v.astype(value.dtype), start)
-            new_cache = (key, value)
-            k, v = key.astype(self.dtype), value.astype(self.dtype)
-        o = grouped_attention(q, k, v, visible)
+        if kv_cache is None:
+            o, new_cache = grouped_attention(q, k, v, visible), None
+        else:
+            key_pages, value_pages, page_table, start = kv_cache
+            key_pages = write_pages(key_pages, page_table, k, start)
+            value_pages = write_pages(value_pages, page_table, v, start)
+            o = paged_attention(q, key_pages, value_pages, page_table, visible)
+            new_cache = (key_pages, value_pages)
         out = jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
         return out, new_cache

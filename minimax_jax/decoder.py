@@ -39,9 +39,9 @@ class DecoderLayer(nnx.Module):
         mask: jax.Array | None,
         segment_ids: jax.Array | None,
         state: jax.Array | None,
-        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     ):
-        """h `[B, T, D]` -> (h `[B, T, D]`, new lightning state, new (key, value), router stats).
+        """h `[B, T, D]` -> (h `[B, T, D]`, new lightning state, new K/V pages, router stats).
 
         Lightning layers use slopes `[H]`, mask, segment_ids and state; softmax layers use
         positions, visible and kv_cache (see `LightningAttention` / `SoftmaxAttention`).
@@ -74,14 +74,15 @@ class DecoderBlock(nnx.Module):
         mask: jax.Array | None,
         segment_ids: jax.Array | None,
         lightning_state: jax.Array | None,
-        kv_cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+        kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
     ):
         """Run the block's layers in order.
 
         h `[B, T, D]`; slopes float32 `[P, H]` (one row per layer of the block, absolute-layer
-        slopes); lightning_state float32 `[n_linear, B, H, K, K]` or None; kv_cache
-        (key `[n_full, B, S, N, K]`, value, start) or None. Returns (h, new lightning_state or
-        None, (key, value) or None, router stats stacked over the P layers).
+        slopes); lightning_state float32 `[n_linear, B, H, K, K]` or None; kv_cache (key pages
+        `[n_full, P, Z, N, K]`, value pages, page_table int32 `[B, R]`, start int32 `[B]`) or None.
+        Returns (h, new lightning_state or None, (key, value) pages or None, router stats stacked
+        over the P layers).
         """
         states, kvs, stats = [], [], []
         for i, layer in enumerate(self.layers):
@@ -89,7 +90,7 @@ class DecoderBlock(nnx.Module):
             if layer.layer_type == LINEAR:
                 state = None if lightning_state is None else lightning_state[len(states)]
             elif kv_cache is not None:
-                kv = (kv_cache[0][len(kvs)], kv_cache[1][len(kvs)], kv_cache[2])
+                kv = (kv_cache[0][len(kvs)], kv_cache[1][len(kvs)], *kv_cache[2:])
             h, state, new_kv, layer_stats = layer(
                 h, slopes=slopes[i], positions=positions, visible=visible, mask=mask,
                 segment_ids=segment_ids, state=state, kv_cache=kv,

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimax_jax.attention import write_rows
-from minimax_jax.cache import Cache
+from minimax_jax.cache import Cache, write_rows
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.decoder import DecoderBlock
 from minimax_jax.norm import RMSNorm
@@ -116,7 +115,7 @@ class MiniMaxForCausalLM(nnx.Module):
         def body(h, xs):
             params, block_slopes, state, key, value = xs
             block = nnx.merge(graphdef, params)
-            kv = None if cache is None else (key, value, cache.length)
+            kv = None if cache is None else (key, value, cache.page_table, cache.length)
             h, state, new_kv, stats = block(
                 h, slopes=block_slopes, positions=positions, visible=visible, mask=lin_mask,
                 segment_ids=segment_ids, lightning_state=state, kv_cache=kv,
@@ -137,8 +136,8 @@ class MiniMaxForCausalLM(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = Cache(
-                lightning_state=state, key=key, value=value, kv_mask=kv_mask,
-                length=cache.length + t,
+                lightning_state=state, key=key, value=value, page_table=cache.page_table,
+                kv_mask=kv_mask, length=cache.length + t,
                 next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32),
             )
         return logits, new_cache, jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), stats)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from conftest import FULL, LIN, tiny_config
 from minimax_jax import ConfigError, MiniMaxConfig, MiniMaxForCausalLM, init_cache
+from minimax_jax.cache import reset_rows
 from minimax_jax.generate import generate
 from minimax_jax.rope import apply_rope
 from sharding import logical_to_spec
@@ -20,13 +21,25 @@ def _model(cfg, rng):
     return MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
 
 
-def test_prefill_then_decode_equals_full_forward(rng):
+def _cache(cfg, layout: str, rng, batch: int, length: int):
+    """An empty cache: "contiguous" (each row owns a run of pages, what `generate` uses) or
+    "paged" (pages of 5 tokens handed out in random order from a pool with pages to spare)."""
+    if layout == "contiguous":
+        return init_cache(cfg, batch, length)
+    cache = init_cache(cfg, batch, length, page_size=5, num_pages=batch * 10 + 7)
+    pages = rng.permutation(batch * 10 + 7)[:batch * cache.page_table.shape[1]]
+    table = jnp.asarray(pages.reshape(batch, -1), jnp.int32)
+    return reset_rows(cache, jnp.arange(batch, dtype=jnp.int32), table)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_prefill_then_decode_equals_full_forward(rng, layout):
     cfg = tiny_config()
     model = _model(cfg, rng)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 45)), jnp.int32)
     full = np.asarray(model(ids))
-    cache = init_cache(cfg, 2, 48)
-    # an uneven chunked prefill (crossing lightning block boundaries), then single tokens
+    cache = _cache(cfg, layout, rng, 2, 48)
+    # an uneven chunked prefill (crossing lightning block boundaries and pages), then single tokens
     pieces = []
     for lo, hi in ((0, 19), (19, 40)):
         logits, cache, _ = model.forward(ids[:, lo:hi], cache=cache)
@@ -36,6 +49,29 @@ def test_prefill_then_decode_equals_full_forward(rng):
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-5 * np.abs(full).max())
     assert list(np.asarray(cache.length)) == [45, 45] and list(np.asarray(cache.next_position)) == [45, 45]
+
+
+def test_paged_cache_equals_contiguous_cache(rng):
+    """Left-padded prefill and decode give the same logits through shuffled pages as through
+    each row's own run of pages (the paged pool also holds stale data of an earlier use)."""
+    cfg = tiny_config()
+    model = _model(cfg, rng)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 30)), jnp.int32)
+    mask = jnp.asarray(np.arange(30)[None, :] >= np.asarray([[0], [11]]), jnp.int32)
+    results = []
+    for layout in ("contiguous", "paged"):
+        cache = _cache(cfg, layout, rng, 2, 40)
+        if layout == "paged":  # fill the pool with another sequence's K/V, then start the rows over
+            _, used, _ = model.forward(jnp.flip(ids, axis=1), cache=cache)
+            cache = reset_rows(used, jnp.arange(2, dtype=jnp.int32), used.page_table)
+        logits, cache, _ = model.forward(ids[:, :23], attention_mask=mask[:, :23], cache=cache)
+        steps = [np.asarray(logits)]
+        for t in range(23, 30):
+            logits, cache, _ = model.forward(ids[:, t:t + 1], cache=cache)
+            steps.append(np.asarray(logits))
+        results.append(np.concatenate(steps, axis=1)[np.asarray(mask, bool)])
+    scale = np.abs(results[0]).max()
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_left_padding_equals_unpadded_rows(rng):

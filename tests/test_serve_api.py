@@ -61,7 +61,8 @@ def test_models_health_and_metrics(served, client):
     metrics = httpx.get(served.url + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in ("minimax_queue_depth", "minimax_running_slots", "minimax_generation_tokens_per_second",
-                 "minimax_time_to_first_token_seconds_bucket", "minimax_generation_tokens_total"):
+                 "minimax_time_to_first_token_seconds_bucket", "minimax_generation_tokens_total",
+                 "minimax_kv_pages_used", "minimax_kv_pages_free"):
         assert f"\n{name}" in metrics.text
 
 
@@ -242,7 +243,7 @@ def test_a_server_side_failure_in_one_request_spares_the_others(served, client):
     assert client.completions.create(model=MODEL, prompt="after", max_tokens=3).choices[0].text is not None
 
 
-def test_a_client_that_disconnects_frees_its_slot(served):
+def test_a_client_that_disconnects_frees_its_slot_and_pages(served):
     metrics, steps = served.engine.metrics, served.engine.steps
     aborts, tokens = metrics.finished["abort"], metrics.generation_tokens
     body = {"model": MODEL, "prompt": "long answer", "max_tokens": CONTEXT - 20, "temperature": 0}
@@ -254,7 +255,9 @@ def test_a_client_that_disconnects_frees_its_slot(served):
         with pytest.raises(httpx.ReadTimeout):  # non-streaming: give up while it is generating
             httpx.post(served.url + "/v1/completions", json=body, timeout=0.5)
         deadline = time.monotonic() + 20
-        while metrics.running_slots or metrics.finished["abort"] < aborts + 2:
+        pool = served.engine.pages.num_pages
+        while (metrics.running_slots or metrics.finished["abort"] < aborts + 2
+               or metrics.kv_pages_used or metrics.kv_pages_free != pool):
             assert time.monotonic() < deadline, f"slots still busy: {metrics.render()}"
             time.sleep(0.05)
     finally:

@@ -46,7 +46,8 @@ def test_serves_a_saved_checkpoint(checkpoint):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch", "4",
-         "--max-context", "64", "--prefill-chunk", "16"],
+         "--max-context", "64", "--prefill-chunk", "16", "--page-size", "8",
+         "--kv-pages", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

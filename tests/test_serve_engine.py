@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
-from minimax_jax.serving.engine import Engine, Output, SamplingParams, merge_outputs
+from minimax_jax.serving.engine import (ContextLengthError, Engine, Output, SamplingParams,
+                                       merge_outputs)
 from minimax_jax.serving.sampling import SamplingBatch, sample_rows
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import ByteTokenizer
@@ -36,8 +37,10 @@ class NoEosTokenizer(ByteTokenizer):
 
 @pytest.fixture(scope="module")
 def engine(model):
+    # 200 pages of 16 tokens: every test's requests fit together, yet the pool is smaller than
+    # 32 slots of full context (352 pages), so pages pass from request to request
     eng = Engine(model, NoEosTokenizer(), max_batch=SLOTS, max_context=CONTEXT, prefill_chunk=CHUNK,
-                 prefill_rows=8)
+                 prefill_rows=8, page_size=16, kv_pages=200)
     eng.start()
     yield eng
     eng.stop()
@@ -71,6 +74,16 @@ def run_concurrently(engine: Engine, jobs: list[tuple[list[int], SamplingParams]
     return [merge_outputs(p) for p in parts]
 
 
+def wait_for_all_pages(engine: Engine, timeout: float = 10) -> None:
+    """Wait until every K/V page is back in the pool, as the allocator and /metrics see it."""
+    deadline = time.monotonic() + timeout
+    total = engine.pages.num_pages
+    while not (engine.pages.free == total and engine.metrics.kv_pages_free == total
+               and engine.metrics.kv_pages_used == 0):
+        assert time.monotonic() < deadline, f"pages still held: {engine.metrics.render()}"
+        time.sleep(0.01)
+
+
 def test_greedy_output_is_the_same_alone_and_batched_with_31_others(engine):
     batch = prompts(SLOTS)
     greedy = SamplingParams(max_tokens=16, temperature=0.0)  # long enough for all 32 to overlap
@@ -88,6 +101,7 @@ def test_greedy_output_is_the_same_alone_and_batched_with_31_others(engine):
         assert a.token_ids == b.token_ids, f"request {i} differs alone vs batched"
         assert a.text == b.text
         assert b.completion_tokens == len(b.token_ids) and b.prompt_tokens == len(batch[i])
+    wait_for_all_pages(engine)
 
 
 @pytest.mark.parametrize("length", [CHUNK, 37])  # one exact chunk; a padded chunk + 2 full
@@ -206,6 +220,7 @@ def test_abort_frees_the_slot(engine):
         assert time.monotonic() < deadline, "the aborted request kept its slot"
         time.sleep(0.01)
     assert outputs[-1].finish_reason == "abort" and len(outputs) < 100
+    wait_for_all_pages(engine)
 
 
 def test_a_failing_request_does_not_affect_the_others(engine):
@@ -249,7 +264,7 @@ def test_invalid_requests_are_rejected_with_a_reason(engine, prompt, params, mes
 def test_the_engine_survives_an_unexpected_error_in_its_loop(engine):
     real_reset = engine.steps.reset
 
-    def failing_reset(slot: int) -> None:
+    def failing_reset(slot: int, pages: list[int]) -> None:
         del engine.steps.reset  # fail once
         raise RuntimeError("injected reset failure")
 
@@ -261,3 +276,41 @@ def test_the_engine_survives_an_unexpected_error_in_its_loop(engine):
     assert out.finish_reason == "error" and "injected reset failure" in out.error
     assert engine.steps.reset == real_reset and engine.alive
     assert engine.generate(prompts(1)[0], GREEDY).finish_reason == "length"
+
+
+def test_a_request_waits_for_pages_then_completes(model):
+    """A pool of 6 pages of 16 tokens: A (20 + 40 tokens: 5 pages) runs, B (5 + 20: 3 pages)
+    waits in the queue until A is done, then completes; a request that needs more pages than
+    the whole pool is refused at once. Outputs equal `generate`; all pages come back."""
+    engine = Engine(model, NoEosTokenizer(), max_batch=4, max_context=CONTEXT, prefill_chunk=CHUNK,
+                    prefill_rows=2, page_size=16, kv_pages=6)
+    jobs = {"A": (prompts(6)[5][:20], SamplingParams(max_tokens=40, temperature=0.0)),
+            "B": (prompts(2)[1], SamplingParams(max_tokens=20, temperature=0.0))}
+    assert engine.pages_needed(20, 40) == 5 and engine.pages_needed(5, 20) == 3
+    with pytest.raises(ContextLengthError, match=re.escape(
+            "needs 8 K/V pages of 16 tokens for 60 prompt tokens + max_tokens 60; "
+            "the K/V pool holds 6")):
+        engine.check([1] * 60, SamplingParams(max_tokens=60))
+    assert engine.max_new_tokens(60) == 6 * 16 - 64 + 1  # what the pool allows, below max_context
+    engine.check([1] * 60, SamplingParams(max_tokens=engine.max_new_tokens(60)))
+
+    events: list[tuple[str, Output]] = []
+    finished = threading.Semaphore(0)
+    used: list[int] = []
+    original = engine.metrics.set_kv_pages
+    engine.metrics.set_kv_pages = lambda u, f: (used.append(u), original(u, f))
+    engine.start()
+    try:
+        for name, (prompt, params) in jobs.items():
+            engine.submit(prompt, params, lambda out, name=name: (
+                events.append((name, out)), out.finish_reason and finished.release()))
+        assert finished.acquire(timeout=120) and finished.acquire(timeout=120)
+        wait_for_all_pages(engine)
+    finally:
+        engine.stop()
+    assert [name for name, _ in events] == ["A"] * 40 + ["B"] * 20, "B ran while A held the pages"
+    assert 5 in used and max(used) == 5, used
+    for name, (prompt, params) in jobs.items():
+        out = merge_outputs([o for n, o in events if n == name])
+        ref = np.asarray(generate(model, jnp.asarray([prompt]), params.max_tokens))[0].tolist()
+        assert out.finish_reason == "length" and out.token_ids == ref, f"{name} != generate"

@@ -10,7 +10,7 @@ from flax import nnx
 
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
 from minimax_jax import attention
-from minimax_jax.attention import blockwise_attention, grouped_attention
+from minimax_jax.attention import grouped_attention
 from minimax_jax.serving.engine import Engine, SamplingParams
 from minimax_jax.tokenizer import ByteTokenizer
 
@@ -24,11 +24,12 @@ def test_blockwise_attention_equals_dense():
     v = jax.random.normal(kv, (b, s, n, d), dtype)
     visible = jax.random.bernoulli(km, 0.5, (b, t, s)).at[:, :, 16:32].set(False)  # one empty block
     visible = visible.at[:, 0].set(False).at[:, 0, 40].set(True)  # a row seeing a single key
-    dense = jax.jit(grouped_attention)(q, k, v, visible)
-    block = jax.jit(blockwise_attention, static_argnums=4)(q, k, v, visible, 16)
+    attend = jax.jit(grouped_attention, static_argnames="key_block")
+    dense = attend(q, k, v, visible, key_block=s)
+    block = attend(q, k, v, visible, key_block=16)
     assert block.dtype == dtype and block.shape == dense.shape
     np.testing.assert_allclose(np.asarray(block, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol)
-    nothing = jax.jit(blockwise_attention, static_argnums=4)(q, k, v, jnp.zeros_like(visible), 16)
+    nothing = attend(q, k, v, jnp.zeros_like(visible), key_block=16)
     np.testing.assert_array_equal(nothing, 0)
 
 

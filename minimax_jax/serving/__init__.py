@@ -6,15 +6,17 @@ Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives se
 ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus).
 
 Modules, one job each: `engine` (the background loop: slots, admission, chunked prefill, batched
-decode, aborts), `steps` (the compiled fixed-shape steps over the cache), `sampling` (per-row
-temperature / top_p / top_k / seed, logprobs), `textstream` (incremental detokenization, stop
-strings), `chat` (chat templates), `protocol` (request bodies), `api` (routes, SSE, errors),
-`metrics`, `server` (assembly, uvicorn), `cli` (`serve.py`).
+decode, aborts), `pages` (the free K/V pages), `steps` (the compiled fixed-shape steps over the
+cache), `sampling` (per-row temperature / top_p / top_k / seed, logprobs), `textstream`
+(incremental detokenization, stop strings), `chat` (chat templates), `protocol` (request bodies),
+`api` (routes, SSE, errors), `metrics`, `server` (assembly, uvicorn), `cli` (`serve.py`).
 
 Exactness: greedy output does not depend on the other requests in the batch (fixed shapes, rows
 independent) and equals `minimax_jax.generate` for the same prompt (tests/test_serve_engine.py).
-K/V of the softmax layers is one contiguous region per slot (max_context + prefill_chunk - 1
-positions); the lightning layers keep one float32 state per slot.
+The lightning layers keep one float32 state per slot. K/V of the softmax layers live in a pool of
+fixed-size pages shared by all slots (`--kv-pages`, `--page-size`); each slot has a page table. A
+request is admitted when the pages for its prompt plus max_tokens are free, and returns them when
+it ends (finished, aborted or failed); one that could never fit is refused like an over-long one.
 """
 
 from minimax_jax.serving.engine import Engine, Output, SamplingParams

@@ -110,8 +110,8 @@ class Server:
             raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
         for s in stop:
             self.encode(s, "stop")
-        if max_tokens is None:  # as many as the context allows
-            max_tokens = max(self.engine.max_context - prompt_len, 1)
+        if max_tokens is None:  # as many as the context and the K/V pool allow
+            max_tokens = self.engine.max_new_tokens(prompt_len)
         seed = None if body.seed is None else body.seed % 2**32
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=max(body.top_k, 0), seed=seed, stop=tuple(stop), logprobs=logprobs)

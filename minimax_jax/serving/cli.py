@@ -1,8 +1,8 @@
 """`python serve.py`: serve a checkpoint over the OpenAI-compatible API.
 
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-                    [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--dtype float32]
-                    [--model-name NAME]
+                    [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--page-size 16]
+                    [--kv-pages N] [--dtype float32] [--model-name NAME]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
 `python train.py --config configs/tiny.yaml` writes).
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import uvicorn
+
+from minimax_jax.cache import PAGE_SIZE
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/model")
 
@@ -29,6 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-context", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step")
     p.add_argument("--prefill-rows", type=int, default=4, help="prompts prefilled together per step")
+    p.add_argument("--page-size", type=int, default=PAGE_SIZE, help="tokens per K/V page")
+    p.add_argument("--kv-pages", type=int, default=None,
+                   help="K/V pages shared by all slots; a request waits until its prompt + "
+                        "max_tokens fit (default: every slot at full context)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
     return p.parse_args(argv)
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         served = build(model, tokenizer, model_name=args.model_name or args.checkpoint.resolve().name,
                        checkpoint_dir=args.checkpoint, max_batch=args.max_batch,
                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-                       prefill_rows=args.prefill_rows)
+                       prefill_rows=args.prefill_rows, page_size=args.page_size,
+                       kv_pages=args.kv_pages)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,11 +1,11 @@
 """The serving engine: one background thread, continuous batching over fixed slots.
 
-Each loop iteration: take new requests and aborts; put waiting requests into free slots; run one
+Each loop iteration: take new requests and aborts; put waiting requests into free slots, oldest
+first, as long as the K/V pool has the pages a request needs for its prompt plus max_tokens; run one
 prefill chunk for each of the (up to `prefill_rows`) oldest slots still reading a prompt (so a
 long prompt never stalls the others for more than one chunk); run one decode step for every slot
-that is generating. Outputs
-go to each request's callback as they are produced. This thread is the only code that touches
-device arrays.
+that is generating. Outputs go to each request's callback as they are produced; a request's pages
+return to the pool when it ends. This thread is the only code that touches device arrays.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from typing import Callable
 
 import numpy as np
 
+from minimax_jax.cache import PAGE_SIZE
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.metrics import Metrics
+from minimax_jax.serving.pages import PageAllocator
 from minimax_jax.serving.sampling import TOP_LOGPROBS, Sampled, SamplingBatch
 from minimax_jax.serving.steps import Steps
 from minimax_jax.serving.textstream import TextStream
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class ContextLengthError(ValueError):
-    """A request's prompt plus max_tokens does not fit in the engine's context."""
+    """A request's prompt plus max_tokens does not fit in the engine's context or K/V pool."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class _Request:
     stream: TextStream
     arrival: float
     slot: int | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)  # K/V pages held while in a slot
     fed: int = 0  # prompt tokens prefilled so far
     generated: list[int] = dataclasses.field(default_factory=list)
     done: bool = False  # finished; its slot is free
@@ -116,7 +119,10 @@ class _Request:
 class Engine:
     """Continuous batching of `max_batch` slots of up to `max_context` tokens (prompt plus
     generated) each; prompts are prefilled `prefill_chunk` tokens at a time, for up to
-    `prefill_rows` prompts per step.
+    `prefill_rows` prompts per step. The softmax layers' K/V live in a pool of `kv_pages` pages
+    of `page_size` tokens (default: enough for every slot at full context); a request holds the
+    pages for its prompt plus max_tokens from admission to its end, and waits in the queue
+    while too few are free.
 
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
@@ -124,11 +130,12 @@ class Engine:
 
     def __init__(self, model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 8,
                  max_context: int = 2048, prefill_chunk: int = 64, prefill_rows: int = 4,
+                 page_size: int = PAGE_SIZE, kv_pages: int | None = None,
                  metrics: Metrics | None = None):
         cfg = model.config
-        if min(max_batch, prefill_chunk, prefill_rows) < 1:
-            raise ValueError(f"max_batch, prefill_chunk and prefill_rows must be >= 1, got {max_batch}, "
-                             f"{prefill_chunk}, {prefill_rows}")
+        if min(max_batch, prefill_chunk, prefill_rows, page_size) < 1:
+            raise ValueError(f"max_batch, prefill_chunk, prefill_rows and page_size must be >= 1, "
+                             f"got {max_batch}, {prefill_chunk}, {prefill_rows}, {page_size}")
         if not 2 <= max_context <= cfg.max_position_embeddings:
             raise ValueError(f"max_context must be in [2, max_position_embeddings = "
                              f"{cfg.max_position_embeddings}], got {max_context}")
@@ -136,10 +143,15 @@ class Engine:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
         self.tokenizer, self.vocab_size = tokenizer, cfg.vocab_size
         self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
+        self.page_size = page_size
         # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
-        self.steps = Steps(model, slots=max_batch, cache_length=max_context + prefill_chunk - 1,
+        pages_per_slot = -(-(max_context + prefill_chunk - 1) // page_size)
+        self.pages = PageAllocator(max_batch * pages_per_slot if kv_pages is None else kv_pages)
+        self.steps = Steps(model, slots=max_batch, pages_per_slot=pages_per_slot,
+                           page_size=page_size, num_pages=self.pages.num_pages,
                            chunk=prefill_chunk, prefill_rows=min(prefill_rows, max_batch))
         self.metrics = metrics or Metrics()
+        self.metrics.set_kv_pages(0, self.pages.num_pages)
         self._cond = threading.Condition()
         self._incoming: list[_Request] = []
         self._aborts: set[str] = set()
@@ -182,6 +194,25 @@ class Engine:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_context} tokens; the request "
                 f"has {len(prompt)} prompt tokens + max_tokens {params.max_tokens}")
+        need = self.pages_needed(len(prompt), params.max_tokens)
+        if need > self.pages.num_pages:
+            raise ContextLengthError(
+                f"the request needs {need} K/V pages of {self.page_size} tokens for {len(prompt)} "
+                f"prompt tokens + max_tokens {params.max_tokens}; the K/V pool holds "
+                f"{self.pages.num_pages} pages")
+
+    def pages_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        """K/V pages a request holds: its prompt's chunks (the first one left-padded to a whole
+        chunk) plus max_tokens - 1 decoded tokens (the last one is never fed back)."""
+        slots = -(-prompt_tokens // self.chunk) * self.chunk + max_tokens - 1
+        return -(-slots // self.page_size)
+
+    def max_new_tokens(self, prompt_tokens: int) -> int:
+        """The largest max_tokens a prompt of `prompt_tokens` tokens can ask for: what fits in
+        max_context and in the whole K/V pool (at least 1, which `check` may still refuse)."""
+        prompt_slots = -(-prompt_tokens // self.chunk) * self.chunk
+        pool_room = self.pages.num_pages * self.page_size - prompt_slots + 1
+        return max(min(self.max_context - prompt_tokens, pool_room), 1)
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_output: Callable[[Output], None]) -> str:
@@ -253,6 +284,7 @@ class Engine:
         with self._cond:
             queued = len(self._waiting) + len(self._incoming)
         self.metrics.set_load(queued, sum(r is not None for r in self._slots))
+        self.metrics.set_kv_pages(self.pages.used, self.pages.free)
 
     def _apply_aborts(self, ids: set[str]) -> None:
         for request in [r for r in [*self._waiting, *self._slots] if r is not None and r.id in ids]:
@@ -263,16 +295,22 @@ class Engine:
         return sorted((r for r in self._slots if r is not None and not r.decoding), key=lambda r: r.arrival)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, keeping at most prefill_rows slots reading a
-        prompt (the decode step protects those rows, a fixed number of them)."""
+        """Move waiting requests, oldest first, into free slots with the K/V pages they need,
+        keeping at most prefill_rows slots reading a prompt (the decode step protects those rows,
+        a fixed number of them). When the oldest does not get its pages, all wait."""
         room = self.steps.prefill_rows - len(self._reading())
         for slot in range(self.max_batch):
             if not self._waiting or room == 0:
                 return
             if self._slots[slot] is None:
-                request = self._waiting.popleft()
-                request.slot, self._slots[slot] = slot, request
-                self.steps.reset(slot)
+                request = self._waiting[0]
+                need = self.pages_needed(len(request.prompt), request.params.max_tokens)
+                pages = self.pages.take(need)
+                if pages is None:
+                    return
+                self._waiting.popleft()
+                request.slot, request.pages, self._slots[slot] = slot, pages, request
+                self.steps.reset(slot, pages)
                 room -= 1
 
     def _fixed_rows(self, slots: list[int]) -> np.ndarray:
@@ -328,11 +366,13 @@ class Engine:
         if not running:
             return
         tokens = np.asarray([r.generated[-1] if r else 0 for r in rows], np.int32)
+        writing = np.asarray([r is not None for r in rows])
         sampling = SamplingBatch.of([r.sampling_row() if r else (0, 0, 0.0, 1.0, 0) for r in rows])
         reading = [r.slot for r in self._reading()]
         protect = np.arange(self.steps.prefill_rows) < len(reading)
         try:
-            sampled = _to_host(self.steps.decode(tokens, self._fixed_rows(reading), protect, sampling))
+            sampled = _to_host(self.steps.decode(tokens, writing, self._fixed_rows(reading),
+                                                 protect, sampling))
         except Exception as exc:  # noqa: BLE001
             self._step_failed(running, exc)
             return
@@ -395,12 +435,14 @@ class Engine:
         self._release(request, reason)
 
     def _release(self, request: _Request, reason: str) -> None:
+        """Mark `request` done; free its slot and its K/V pages, or take it off the queue."""
         request.done = True
         if request.slot is not None and self._slots[request.slot] is request:
             self._slots[request.slot] = None
         elif request in self._waiting:
             self._waiting.remove(request)
-        request.slot = None
+        self.pages.give(request.pages)
+        request.slot, request.pages = None, []
         self.metrics.add_finished(reason)
 
 

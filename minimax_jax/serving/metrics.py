@@ -1,5 +1,5 @@
-"""Engine metrics in the Prometheus text format: queue depth, running slots, decode tokens/s,
-time to first token, token and request counters."""
+"""Engine metrics in the Prometheus text format: queue depth, running slots, K/V pages in use and
+free, decode tokens/s, time to first token, token and request counters."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.queue_depth = 0
         self.running_slots = 0
+        self.kv_pages_used = 0
+        self.kv_pages_free = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: collections.Counter[str] = collections.Counter()
@@ -31,6 +33,11 @@ class Metrics:
         """Requests waiting for a slot, and slots holding a request."""
         with self._lock:
             self.queue_depth, self.running_slots = queue_depth, running_slots
+
+    def set_kv_pages(self, used: int, free: int) -> None:
+        """K/V pool pages held by requests, and pages free."""
+        with self._lock:
+            self.kv_pages_used, self.kv_pages_free = used, free
 
     def add_tokens(self, n: int, now: float | None = None) -> None:
         """`n` tokens generated (by one step)."""
@@ -73,6 +80,10 @@ class Metrics:
                 f"# TYPE {p}_queue_depth gauge", f"{p}_queue_depth {self.queue_depth}",
                 f"# HELP {p}_running_slots Slots holding a request (prefilling or decoding).",
                 f"# TYPE {p}_running_slots gauge", f"{p}_running_slots {self.running_slots}",
+                f"# HELP {p}_kv_pages_used K/V pool pages held by requests.",
+                f"# TYPE {p}_kv_pages_used gauge", f"{p}_kv_pages_used {self.kv_pages_used}",
+                f"# HELP {p}_kv_pages_free K/V pool pages free.",
+                f"# TYPE {p}_kv_pages_free gauge", f"{p}_kv_pages_free {self.kv_pages_free}",
                 f"# HELP {p}_generation_tokens_per_second Generated tokens per second, last {RATE_WINDOW_S:g} s.",
                 f"# TYPE {p}_generation_tokens_per_second gauge",
                 f"{p}_generation_tokens_per_second {rate:.6g}",

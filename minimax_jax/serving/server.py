@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from minimax_jax.cache import PAGE_SIZE
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.api import create_app
 from minimax_jax.serving.chat import ChatTemplate
@@ -31,11 +32,14 @@ class Served:
 
 def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
           checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
-          prefill_chunk: int = 256, prefill_rows: int = 4) -> Served:
-    """Engine (started and warmed up: every step compiled) + app. The chat template comes from
-    `checkpoint_dir`'s tokenizer files when it has one, else MiniMax's default format."""
+          prefill_chunk: int = 256, prefill_rows: int = 4, page_size: int = PAGE_SIZE,
+          kv_pages: int | None = None) -> Served:
+    """Engine (started and warmed up: every step compiled) + app; see `Engine` for the sizes.
+    The chat template comes from `checkpoint_dir`'s tokenizer files when it has one, else
+    MiniMax's default format."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
-                    prefill_chunk=prefill_chunk, prefill_rows=prefill_rows)
+                    prefill_chunk=prefill_chunk, prefill_rows=prefill_rows, page_size=page_size,
+                    kv_pages=kv_pages)
     engine.start()
     engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # compile every step
     app = create_app(engine, tokenizer, model_name=model_name,
