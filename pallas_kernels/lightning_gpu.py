@@ -8,19 +8,15 @@ value dim per compute warpgroup) and computes, with a, b, c ``[C, D]`` bf16 tile
     S_out = ds S_in + sum_j dk_j b_j^T c_j                                (wgmma, b transposed)
 
 where ``j ~ i`` is j <= i (forward) or j >= i (reverse) within the current segment, and every decay
-is exp(-slope * n) with n >= 0 counted in tokens (never exp(+slope * i)). A dual scan also writes
+is exp(-slope * n) with n >= 0 counted in tokens (never exp(+slope * i)). The forward pass is
+scan(q, k, v); the backward pass is three more scans:
 
-    out2_i = sum_{j ~ i} lam^|i-j| (a2_i . c_j) b_j + dq_i a2_i S_in^T
+    dq = scan(do, v, k)                  forward, initial state S0^T
+    dk = scan(v, do, q)                  reverse, initial state dS_T^T / lam
+    dv = scan(k, q, do)                  reverse, initial state dS_T / lam; dS0 = lam * its final state
 
-from the same state: this equals scan(a2, c, b), whose state is S^T. The forward pass is
-scan(q, k, v); the backward pass is two more scans:
-
-    dq = scan(do, v, k)                    forward, initial state S0^T
-    dv, dk = scan(k, q, do) and (v, do, q)  one dual reverse scan of the state sum q^T do, initial
-                                           state dS_T / lam; dS0 = lam * its final state
-
-dq's per-piece entering states are the forward's transposed. Slopes are constants of the kernels
-(no gradient flows to them).
+The backward scans reuse known states: dq's per-piece states are the forward's transposed, dk's
+the dv scan's transposed. Slopes are constants of the kernels (no gradient flows to them).
 
 For parallelism over long sequences the time axis is split into P pieces of whole chunks: a
 state-only scan of every piece from a zero state, one einsum over pieces that combines those into
@@ -35,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +40,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 CHUNK = 64  # tokens per chunk (one wgmma M tile)
 SLAB = 64  # value columns per compute warpgroup
-STAGES = 3  # at most this many chunks of input tiles in flight (fewer if shared memory is short)
-SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper
-SMEM_ALIGN = 1024  # every shared-memory allocation starts on this boundary
+STAGES = 3  # chunks of a, b, c in flight
 
 
 def no_reset(reverse: bool) -> int:
@@ -62,7 +55,6 @@ class ScanConfig:
     segments: bool
     initial_state: bool
     interpret: bool
-    dual: bool  # a second output, out2 = scan(a2, c, b), from the same state transposed
 
 
 def _transforms():
@@ -70,63 +62,25 @@ def _transforms():
 
 
 def _matmuls(*ops):
-    """float32 products for ops of (shape, (a, b), (a, b), ...): each op sums ``a @ b`` over its
-    pairs, operands in shared memory. All wgmmas are issued before the first result is awaited, so
-    independent products overlap."""
+    """float32 products ``a @ b`` for ops of (a, b, shape), operands in shared memory: all wgmmas are
+    issued before the first result is awaited, so independent products overlap."""
 
     def run(*accs):
-        for acc, (_, *terms) in zip(accs, ops):
-            for a, b in terms:
-                plgpu.wgmma(acc, a, b)
+        for acc, (a, b, _) in zip(accs, ops):
+            plgpu.wgmma(acc, a, b)
         return tuple(acc[...] for acc in accs)
 
-    return pl.run_scoped(run, *[plgpu.ACC(op[0], jnp.float32) for op in ops])
+    return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for _, _, shape in ops])
 
 
-def _scratch_shapes(cfg: ScanConfig, d: int, dtype) -> list[tuple[tuple[int, ...], object, bool]]:
-    """(shape, dtype, swizzled) of each shared-memory scratch buffer: S_in in the input dtype (a
-    ``[D, SLAB]`` slab per warpgroup); "pc", each warpgroup's decayed c slab, then the masked scores
-    (dual: those of output p in buffer p); output staging; the mask table."""
-    nwg = d // SLAB
-    n_out = 2 if cfg.dual else 1
-    return [
-        ((nwg, d, SLAB), dtype, True),
-        ((max(nwg, n_out), CHUNK, SLAB), dtype, True),
-        ((n_out, nwg, CHUNK, SLAB), dtype, True),
-        ((CHUNK, CHUNK), jnp.float32, False),
-    ]
-
-
-def _stages(cfg: ScanConfig, d: int, dtype) -> int:
-    """Pipeline depth: up to STAGES chunks of the input tiles, as many as fit beside the scratch
-    (one SMEM_ALIGN block kept for the limit tiles and one for the barriers)."""
-
-    def aligned(shape, dt):
-        return -(-math.prod(shape) * jnp.dtype(dt).itemsize // SMEM_ALIGN) * SMEM_ALIGN
-
-    fixed = sum(aligned(shape, dt) for shape, dt, _ in _scratch_shapes(cfg, d, dtype))
-    tiles = 2 if cfg.state_only else 4 if cfg.dual else 3
-    per_stage = tiles * aligned((CHUNK, d), dtype)
-    return min(STAGES, (SMEM_BYTES - fixed - 2 * SMEM_ALIGN) // per_stage)
-
-
-def _scan_call(
-    a, a2, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: ScanConfig
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
+def _scan_call(a, b, c, slopes, s0, limit, real_tokens: tuple[int, int], cfg: ScanConfig):
     """One scan over rows of whole chunks.
 
-    a, a2, b, c ``[R, L, H, D]`` (bf16/f16; a unused when ``cfg.state_only``, a2 used only when
-    ``cfg.dual``), L a multiple of CHUNK; slopes float32 ``[H]``; s0 float32 ``[R, H, D, D]`` or
-    None; limit int32 ``[R, L]`` (chunk-local segment limit, see ``segment_limits``) or None.
-    real_tokens = (T, P): row r is piece r % P of a sequence of T real tokens followed by zero
-    padding. Returns the outputs (none when state-only; out; or out and out2 = scan(a2, c, b) when
-    dual), each ``[R, L, H, D]``, and the final state float32 ``[R, H, D, D]``.
-
-    Dual: out2_i = sum_{j ~ i} lam^|i-j| (a2_i . c_j) b_j + dq_i a2_i S_in^T, with the state, decays
-    and segment masks of the first output. Warpgroup w owns the value slab w of both outputs; the
-    inter term of out2 needs rows of S_in from every slab, so each warpgroup reads the others' S_in
-    copies in shared memory, and with two warpgroups each computes the scores of one output for
-    both (two barriers per chunk order these shared buffers).
+    a, b, c ``[R, L, H, D]`` (bf16/f16; a unused when ``cfg.state_only``), L a multiple of CHUNK;
+    slopes float32 ``[H]``; s0 float32 ``[R, H, D, D]`` or None; limit int32 ``[R, L]`` (chunk-local
+    segment limit, see ``segment_limits``) or None. real_tokens = (T, P): row r is piece r % P of a
+    sequence of T real tokens followed by zero padding. Returns (out ``[R, L, H, D]`` or None, final
+    state ``[R, H, D, D]``).
     """
     length, pieces = real_tokens
     rows, rows_len, heads, d = b.shape
@@ -136,23 +90,16 @@ def _scan_call(
     f32 = jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = wgmma_layout.reduce(1)  # a [CHUNK] vector laid out like the rows of a wgmma tile
-    n_out = 0 if cfg.state_only else 2 if cfg.dual else 1
-    # Dual with two warpgroups (D = 128): they share S_in and the scores in shared memory, warpgroup
-    # p computing the scores of output p.
-    sync = cfg.dual and nwg > 1
 
     def kernel(*refs):
         refs = list(refs)
-        a_refs = [refs.pop(0) for _ in range(n_out)]
+        a_ref = None if cfg.state_only else refs.pop(0)
         b_ref, c_ref, slopes_ref = refs.pop(0), refs.pop(0), refs.pop(0)
         s0_ref = refs.pop(0) if cfg.initial_state else None
         lim_ref = refs.pop(0) if cfg.segments else None
-        o_refs = [refs.pop(0) for _ in range(n_out)]
+        o_ref = None if cfg.state_only else refs.pop(0)
         sf_ref = refs.pop(0)
-        s_smem, pc_smem, o_smem, mask_smem = refs[:4]
-        # barrier 0: every warpgroup has read the previous chunk's S_in and scores (they may be
-        # overwritten); barrier 1: every warpgroup has written this chunk's (they may be read).
-        bars = refs[4] if sync else None
+        s_smem, pc_smem, o_smem, mask_smem = refs
 
         row = lax.axis_index("rows")
         head = lax.axis_index("heads")
@@ -180,11 +127,7 @@ def _scan_call(
                 )
             else:
                 state = plgpu.layout_cast(jnp.zeros((d, SLAB), f32), wgmma_layout)
-            if sync:
-                plgpu.barrier_arrive(bars.at[0])  # nothing read before the first chunk
             state = pipeline(state)
-            if sync:
-                plgpu.barrier_wait(bars.at[0])  # the last chunk's reads (every arrival is awaited)
             sf_ref.at[row, head, :, cols][...] = state
             if not cfg.state_only:
                 plgpu.wait_smem_to_gmem(0)
@@ -192,7 +135,7 @@ def _scan_call(
         def body(idx, *args):
             *tiles, state = args
             tiles = list(tiles)
-            a_tiles = [tiles.pop(0) for _ in range(n_out)]
+            a_t = None if cfg.state_only else tiles.pop(0)
             b_t, c_t = tiles.pop(0), tiles.pop(0)
             lim_t = tiles.pop(0) if cfg.segments else None
             (step,) = idx
@@ -216,91 +159,50 @@ def _scan_call(
                 s_decay = jnp.where(lim_last == none, s_decay, 0.0)
 
             # Shared-memory operands of this step: S_in (input dtype) and the decayed value slab.
-            c_slab = plgpu.load(c_t.at[:, cols], layout=wgmma_layout).astype(f32)
-            c_slab = (c_slab * per_row(k_decay)).astype(dtype)
-            if sync:
-                plgpu.barrier_wait(bars.at[0])
             if not cfg.state_only:
                 s_smem[wg] = state.astype(dtype)
-            pc_smem[wg] = c_slab
+            c_slab = plgpu.load(c_t.at[:, cols], layout=wgmma_layout).astype(f32)
+            pc_smem[wg] = (c_slab * per_row(k_decay)).astype(dtype)
             plgpu.commit_smem()
-            # S_out = ds S_in + b^T (dk * c); in the same wgmma batch: a S_in (inter) and the scores
-            # a b^T (out) or a2 c^T (out2).
-            update_op = ((d, SLAB), (b_t.T, pc_smem.at[wg]))
+            # S_out = ds S_in + b^T (dk * c); in the same wgmma batch: a S_in (inter) and a b^T (scores).
             if cfg.state_only:
-                (update,) = _matmuls(update_op)
+                (update,) = _matmuls((b_t.T, pc_smem.at[wg], (d, SLAB)))
                 return state * s_decay + update
-            # output p: its a, the b of its scores and the c its scores weigh
-            outputs = [(a_tiles[0], b_t, c_t), (a_tiles[-1], c_t, b_t)][:n_out]
-
-            def batch(*scored):
-                scores_ops = [((CHUNK, CHUNK), (outputs[p][0], outputs[p][1].T)) for p in scored]
-                inter_op = ((CHUNK, SLAB), (a_tiles[0], s_smem.at[wg]))
-                return _matmuls(update_op, inter_op, *scores_ops)
-
-            if sync:
-                update, inter, scores = lax.switch(
-                    wg, [functools.partial(batch, p) for p in range(n_out)]
-                )
-                scores, slots = [scores], [wg]
-            else:
-                update, inter, *scores = batch(*range(n_out))
-                slots = list(range(n_out)) if cfg.dual else [wg]
+            update, inter, scores = _matmuls(
+                (b_t.T, pc_smem.at[wg], (d, SLAB)),
+                (a_t, s_smem.at[wg], (CHUNK, SLAB)),
+                (a_t, b_t.T, (CHUNK, CHUNK)),
+            )
             q_steps = jnp.maximum(real - rows_v, 0) if cfg.reverse else rows_v + 1
             q_decay = decay(q_steps)
-            mask = plgpu.load(mask_smem, layout=wgmma_layout)
+            scores = scores * plgpu.load(mask_smem, layout=wgmma_layout)
             if cfg.segments:
                 lim_rows = plgpu.load(lim_t, layout=row_layout)
                 q_decay = jnp.where(lim_rows == none, q_decay, 0.0)
                 kj = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=wgmma_layout)
                 lim_qk = lax.broadcast_in_dim(lim_rows, (CHUNK, CHUNK), [0])
-                mask = jnp.where(kj < lim_qk if cfg.reverse else kj >= lim_qk, mask, 0.0)
-            for slot, s in zip(slots, scores):
-                # the update wgmma that read pc_smem[wg] has completed
-                pc_smem[slot] = (s * mask).astype(dtype)
+                scores = jnp.where(kj < lim_qk if cfg.reverse else kj >= lim_qk, scores, 0.0)
+            pc_smem[wg] = scores.astype(
+                dtype
+            )  # the update wgmma that read this buffer has completed
             plgpu.commit_smem()
-            if sync:
-                plgpu.barrier_arrive(bars.at[1])
-                plgpu.barrier_wait(bars.at[1])
-            # intra of output p: its masked scores times its c slab; out2's inter: a2 S_in^T, summed
-            # over the slabs of S_in (the rows of S_in^T).
-            ops = [
-                ((CHUNK, SLAB), (pc_smem.at[p if cfg.dual else wg], outputs[p][2].at[:, cols]))
-                for p in range(n_out)
-            ]
-            if cfg.dual:
-                slabs = [pl.ds(w * SLAB, SLAB) for w in range(nwg)]
-                ops.append(
-                    (
-                        (CHUNK, SLAB),
-                        *[(a_tiles[1].at[:, s], s_smem.at[w, cols].T) for w, s in enumerate(slabs)],
-                    )
-                )
-            intra, *rest = _matmuls(*ops)
-            if sync:
-                plgpu.barrier_arrive(bars.at[0])
-            q_rows = per_row(q_decay)
-            outs = [inter * q_rows + intra]
-            if cfg.dual:
-                intra2, inter2 = rest
-                outs.append(inter2 * q_rows + intra2)
+            (intra,) = _matmuls((pc_smem.at[wg], c_t.at[:, cols], (CHUNK, SLAB)))
+            out = inter * per_row(q_decay) + intra
             plgpu.wait_smem_to_gmem(
                 0, wait_read_only=True
-            )  # the previous chunk's stores have read o_smem
-            for p, out in enumerate(outs):
-                o_smem[p, wg] = out.astype(dtype)
+            )  # the previous chunk's store has read o_smem
+            o_smem[wg] = out.astype(dtype)
             plgpu.commit_smem()
-            for p in range(n_out):
-                plgpu.copy_smem_to_gmem(
-                    o_smem.at[p, wg], o_refs[p].at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols]
-                )
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[wg], o_ref.at[row, pl.ds(chunk * CHUNK, CHUNK), head, cols]
+            )
             return state * s_decay + update
 
         def index(i):
             return (nchunks - 1 - i if cfg.reverse else i, 0)
 
         tile = plgpu.BlockSpec((CHUNK, d), index, transforms=_transforms())
-        specs = [tile] * (n_out + 2)
+        specs = [tile] * (2 if cfg.state_only else 3)
         if cfg.segments:
             specs.append(plgpu.BlockSpec((CHUNK,), lambda i: index(i)[:1]))
         pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -308,25 +210,27 @@ def _scan_call(
             grid=(nchunks,),
             memory_registers=40,
             in_specs=specs,
-            max_concurrent_steps=min(_stages(cfg, d, dtype), nchunks),
+            max_concurrent_steps=min(STAGES, nchunks),
             wg_axis="wg",
             num_compute_wgs=nwg,
             compute_context=compute_thread,
         )
-        gmem = [x.at[row, :, head] for x in a_refs]
+        gmem = [] if cfg.state_only else [a_ref.at[row, :, head]]
         gmem += [b_ref.at[row, :, head], c_ref.at[row, :, head]]
         if cfg.segments:
             gmem.append(lim_ref.at[row])
         pipeline(*gmem)
 
     state_type = jax.ShapeDtypeStruct((rows, heads, d, d), f32)
-    out_type = [jax.ShapeDtypeStruct(b.shape, dtype)] * n_out + [state_type]
+    out_type = (
+        [state_type] if cfg.state_only else [jax.ShapeDtypeStruct(b.shape, dtype), state_type]
+    )
     scratch = [
-        plgpu.SMEM(shape, dt, transforms=_transforms() if swizzled else ())
-        for shape, dt, swizzled in _scratch_shapes(cfg, d, dtype)
+        plgpu.SMEM((nwg, d, SLAB), dtype, transforms=_transforms()),
+        plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),  # decayed c, then scores
+        plgpu.SMEM((nwg, CHUNK, SLAB), dtype, transforms=_transforms()),
+        plgpu.SMEM((CHUNK, CHUNK), f32),
     ]
-    if sync:
-        scratch.append(plgpu.Barrier(num_arrivals=nwg, num_barriers=2))
     interpret = None
     if cfg.interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -343,14 +247,14 @@ def _scan_call(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    operands = [a, a2][:n_out]
+    operands = [] if cfg.state_only else [a]
     operands += [b, c, slopes]
     if cfg.initial_state:
         operands.append(s0)
     if cfg.segments:
         operands.append(limit)
-    *outs, final = call(*operands)
-    return tuple(outs), final
+    outs = call(*operands)
+    return (None, outs[0]) if cfg.state_only else (outs[0], outs[1])
 
 
 def segment_limits(resets: jax.Array, reverse: bool) -> jax.Array:
@@ -425,7 +329,6 @@ def scan(
     s0,
     resets,
     entering=None,
-    a2=None,
     *,
     reverse: bool,
     length: int,
@@ -438,10 +341,8 @@ def scan(
     slopes float32 ``[H]``; s0 float32 ``[B, H, D, D]`` or None (the state entering the scan: before
     position 0, or after the last token when ``reverse``); resets bool ``[B, Tp + 1]`` or None;
     entering float32 ``[B * P, H, D, D]`` or None: every piece's entering state when already known
-    (s0 included), which skips the state-only pass; a2 ``[B, Tp, H, D]`` or None: also compute
-    out2 = scan(a2, c, b), whose states are this scan's transposed, in the same kernel. Returns the
-    outputs ((out,) or (out, out2), ``[B, Tp, H, D]`` in b's dtype), the final state float32
-    ``[B, H, D, D]`` and the entering states used (None for one piece and no s0).
+    (s0 included), which skips the state-only pass. Returns out ``[B, Tp, H, D]`` (a's dtype), the
+    final state float32 ``[B, H, D, D]`` and the entering states used (None for one piece and no s0).
     """
     bsz, tp, h, d = b.shape
     lp = tp // pieces
@@ -449,25 +350,23 @@ def scan(
     lim = segment_limits(resets, reverse) if segments else None
 
     def rows(x):  # [B, Tp, ...] -> [B * P, Tp / P, ...]
-        return None if x is None else x.reshape((bsz * pieces, lp) + x.shape[2:])
+        return x.reshape((bsz * pieces, lp) + x.shape[2:])
 
-    def call(state_only, s0_rows):
+    def call(state_only, s0_rows, a_rows):
         cfg = ScanConfig(
             reverse=reverse,
             state_only=state_only,
             segments=segments,
             initial_state=s0_rows is not None,
             interpret=interpret,
-            dual=not state_only and a2 is not None,
         )
         return _scan_call(
-            rows(a),
-            rows(a2),
+            a_rows,
             rows(b),
             rows(c),
             slopes,
             s0_rows,
-            rows(lim),
+            None if lim is None else rows(lim),
             (length, pieces),
             cfg,
         )
@@ -478,15 +377,15 @@ def scan(
         entering = _entering_states(
             call, bsz, h, d, slopes, s0, resets, reverse, length, pieces, lp
         )
-    outs, finals = call(False, entering)
+    out, finals = call(False, entering, rows(a))
     finals = finals.reshape(bsz, pieces, h, d, d)
-    return tuple(o.reshape(b.shape) for o in outs), finals[:, 0 if reverse else -1], entering
+    return out.reshape(b.shape), finals[:, 0 if reverse else -1], entering
 
 
 def _entering_states(call, bsz, h, d, slopes, s0, resets, reverse, length, pieces, lp):
     """1. each piece from a zero state (state-only scan); 2. combined into every piece's entering
     state, ``[B * P, H, D, D]``."""
-    _, deltas = call(True, None)
+    _, deltas = call(True, None, None)
     deltas = deltas.reshape(bsz, pieces, h, d, d)
     n_real = jnp.clip(length - jnp.arange(pieces) * lp, 0, lp)
     if resets is not None:
@@ -533,7 +432,7 @@ def _attention(q, k, v, s0, slopes, resets, length, pieces, interpret):
 
 
 def _attention_fwd(q, k, v, s0, slopes, resets, length, pieces, interpret):
-    (o,), state, entering = scan(
+    o, state, entering = scan(
         q,
         k,
         v,
@@ -554,13 +453,16 @@ def _attention_bwd(length, pieces, interpret, residuals, cotangents):
     do = do.astype(q.dtype)
     kw = dict(length=length, pieces=pieces, interpret=interpret)
     # dq scans sum v^T k: the transposes of the forward's per-piece entering states.
-    (dq,), _, _ = scan(
+    dq, _, _ = scan(
         do, v, k, slopes, _transpose(s0), resets, _transpose(entering), reverse=False, **kw
     )
-    # dv = scan(k, q, do) and dk = scan(v, do, q) in one reverse kernel sharing the state sum q^T do
-    # (dk's is its transpose); the state "after the last token" is dS_T / lam.
+    # the state "after the last token" seen by the reverse scans is dS_T / lam; the dk scan's states
+    # are the transposes of the dv scan's.
     g0 = d_state * jnp.exp(slopes)[None, :, None, None]
-    (dv, dk), g_first, _ = scan(k, q, do, slopes, g0, resets, a2=v, reverse=True, **kw)
+    dv, g_first, g_entering = scan(k, q, do, slopes, g0, resets, reverse=True, **kw)
+    dk, _, _ = scan(
+        v, do, q, slopes, _transpose(g0), resets, _transpose(g_entering), reverse=True, **kw
+    )
     ds0 = None if s0 is None else g_first * jnp.exp(-slopes)[None, :, None, None]
     return dq, dk, dv, ds0, None, None
 

@@ -91,8 +91,8 @@ def check_against_float64(rng, b, t, slopes, d, dtype, segments, initial_state, 
 def test_segments_initial_state_pieces(rng, monkeypatch, d):
     """T = 520 (not a multiple of the 64-token chunk): three pieces of three chunks per row. Row 0
     restarts at the first token of piece 1 (a piece and chunk boundary) and inside piece 1, a
-    segment that runs on through piece 2; row 1 at random places. D = 128 runs the backward's
-    fused kernel with two warpgroups sharing the state and scores, D = 64 with one."""
+    segment that runs on through piece 2; row 1 at random places. D = 128 runs two compute
+    warpgroups (one per 64 value columns), D = 64 one."""
     monkeypatch.setattr(lightning_gpu, "TARGET_PROGRAMS", 12)
     assert lightning_gpu.num_pieces(2, 3, 9, lightning_gpu.TARGET_PROGRAMS) == 3
     check_against_float64(
@@ -127,7 +127,7 @@ def test_head_dim_128_one_piece(rng, monkeypatch):
 def test_lowers_for_cuda(monkeypatch, d):
     """Forward and backward kernels lower for CUDA on any machine (Mosaic GPU checks layouts and the
     227 KB shared-memory budget while lowering), with pipelines at full depth (four chunks per
-    piece); dk and dv come from one fused reverse kernel."""
+    piece)."""
     monkeypatch.setattr(lightning_gpu, "TARGET_PROGRAMS", 6)
     configs = []
     scan_call = lightning_gpu._scan_call
@@ -150,15 +150,11 @@ def test_lowers_for_cuda(monkeypatch, d):
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
     fn.trace(q, q, q, s0).lower(lowering_platforms=("cuda",))
-    kinds = sorted((c.reverse, c.state_only, c.dual) for c in configs)
-    # forward: state-only + full; dq: full (forward's states); dk, dv: state-only + fused
-    assert kinds == [
-        (False, False, False),
-        (False, False, False),
-        (False, True, False),
-        (True, False, True),
-        (True, True, False),
-    ]
+    kinds = sorted((c.reverse, c.state_only) for c in configs)
+    # forward: state-only + full; dq: full (forward's states); dv: state-only + full; dk: full
+    # (dv's states transposed)
+    assert kinds == [(False, False), (False, False), (False, True), (True, False), (True, False),
+                     (True, True)]
 
 
 @pytest.mark.parametrize("reverse", [False, True])
