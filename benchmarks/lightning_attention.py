@@ -216,29 +216,37 @@ def bench_all(results: dict, peers: bool, chunked: bool) -> None:
 
 
 def sweep(results: dict) -> None:
-    """Forward ms of our kernel over pipeline depth and programs-per-launch target."""
+    """Forward and forward+backward ms of our kernel at every shape over the programs-per-launch
+    target (which sets how many pieces each row's time axis is cut into)."""
     from pallas_kernels import lightning_gpu
 
     rng = np.random.default_rng(1)
     rows = []
-    defaults = lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS
-    for b, t, h in [(1, 16384, 64), (1, 65536, 8)]:
-        q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, D)) * 0.5, jnp.bfloat16) for _ in range(3))
+    default = lightning_gpu.TARGET_PROGRAMS
+    for b, t, h in SHAPES:
+        q, k, v, do = (jnp.asarray(rng.normal(size=(b, t, h, D)) * 0.5, jnp.bfloat16)
+                       for _ in range(4))
         slopes = jnp.asarray(minimax_slopes(h))
-        for stages in (2, 3):
-            for target in (132, 264, 528):
-                lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS = stages, target
-                jax.clear_caches()
-                fn = jax.jit(lambda q, k, v, s: lightning_attention(q, k, v, s, impl="pallas")[0])
-                row = {
-                    "shape": f"B{b} T{t} H{h}",
-                    "stages": stages,
-                    "target": target,
-                    "fwd_ms": bench(fn, q, k, v, slopes),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    lightning_gpu.STAGES, lightning_gpu.TARGET_PROGRAMS = defaults
+        for target in (64, 128, 132, 264):
+            lightning_gpu.TARGET_PROGRAMS = target
+            jax.clear_caches()
+
+            def fwd(q, k, v):
+                return lightning_attention(q, k, v, slopes, impl="pallas")[0]
+
+            def fwd_bwd(q, k, v, do):
+                o, vjp = jax.vjp(fwd, q, k, v)
+                return o, vjp(do)
+
+            nchunks = -(-t // lightning_gpu.CHUNK)
+            row = {"shape": f"B{b} T{t} H{h}", "target": target,
+                   "pieces": lightning_gpu.num_pieces(b, h, nchunks, target),
+                   "fwd_ms": bench(jax.jit(fwd), q, k, v),
+                   "fwdbwd_ms": bench(jax.jit(fwd_bwd), q, k, v, do)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del q, k, v, do
+    lightning_gpu.TARGET_PROGRAMS = default
     jax.clear_caches()
     results["sweep"] = rows
 

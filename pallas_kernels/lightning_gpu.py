@@ -401,7 +401,9 @@ def _entering_states(call, bsz, h, d, slopes, s0, resets, reverse, length, piece
     return entering.reshape(bsz * pieces, h, d, d)
 
 
-TARGET_PROGRAMS = 132  # one wave on an H100/H200's 132 multiprocessors (best in the v2 sweep)
+# Programs per launch that num_pieces reaches: 128 stays within one wave of an H100/H200's 132
+# SMs; fastest forward+backward at every benchmark shape in the sweep of 2026-11-22 (KERNEL_NOTES).
+TARGET_PROGRAMS = 128
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
