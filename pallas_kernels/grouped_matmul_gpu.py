@@ -5,24 +5,26 @@ Rows of ``x`` are sorted by group: group g owns rows ``[start_g, start_g + group
 - ``ragged_matmul``: ``out[r] = x[r] @ w[g(r)]`` for several weights sharing the contraction
   (outputs side by side along the columns, e.g. w1 | w3 in one launch), or, with
   ``transpose_rhs``, ``out[r] = x[r] @ w[g(r)]^T`` with the weights splitting the contraction
-  (the d_x of the former, accumulated in one float32 tile). A persistent grid walks the output
-  tiles; a group's row tiles start at its first row rounded down to ``block_m`` (JAX's schedule)
-  or to 8 (``Tiles.aligned``), a tile straddling a group boundary is computed once per group and
-  each pass stores only its group's rows. Tiles holding no row of their group skip the matmul, and
-  rows past ``sum(group_sizes)`` are written as zeros.
+  (the d_x of the former, accumulated in one float32 tile). A group's row tiles start at its
+  first row rounded down to ``block_m`` or to 8 (``Tiles.aligned``); a tile straddling a group
+  boundary is computed once per group and each pass stores only its group's rows. Tiles holding
+  no row of their group are skipped, and rows past ``sum(group_sizes)`` are written as zeros.
 - ``transposed_ragged_matmul``: ``dw[g] = x[rows of g]^T @ dy[rows of g]`` for a column range of
   ``dy``; rows of a block that belong to another group are masked to zero before the wgmma.
 
-Adapted from JAX's ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` and
-``transposed_ragged_dot_mgpu`` (Apache License 2.0). bf16/f16 operands, float32 accumulation; also
-runs on the CPU in Pallas' GPU interpret mode (any float dtype there).
+Both are persistent and warp-specialized (``_persistent_matmul``): each of ``num_sms()`` programs
+walks its output tiles; a memory warpgroup streams the operand blocks of all its tiles through
+``stages`` shared-memory slots without stopping between tiles, while two compute warpgroups
+accumulate the two column halves of a tile (``block_m x 2 block_n``) in registers and store
+them, so one tile's epilogue overlaps the next tile's loads. bf16/f16 operands, float32
+accumulation; also runs on the CPU in Pallas' GPU interpret mode (any float dtype there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +33,16 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 DEFAULT_NUM_SMS = 132  # H100 SXM and H200
+COMPUTE_WGS = 2  # compute warpgroups per program, one per column half of a tile
+MEMORY_REGISTERS = 40  # per thread of the memory warpgroup; the compute ones get the rest
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Tile sizes of one kernel launch: output tile ``block_m x block_n``, contraction step
-    ``block_k``, ``stages`` tiles in flight, ``grid_block_n`` column tiles per snake band.
+    """Tile sizes of one kernel launch: output tile ``block_m x (2 block_n)`` (one
+    ``block_m x block_n`` half per compute warpgroup), contraction step ``block_k``, ``stages``
+    operand slots in flight, ``grid_block_n`` column tiles per snake band, ``epilogue_m`` rows
+    per store round (``block_m`` or a divisor: less shared memory).
     ``aligned`` (``ragged_matmul``): a group's row tiles start at its first row rounded down to 8
     instead of to ``block_m`` (fewer tiles straddle two groups)."""
 
@@ -46,6 +52,12 @@ class Tiles:
     stages: int = 4
     grid_block_n: int = 1
     aligned: bool = False
+    epilogue_m: int = 64
+
+    @property
+    def tile_n(self) -> int:
+        """Output columns per tile (both compute warpgroups)."""
+        return COMPUTE_WGS * self.block_n
 
 
 def num_sms() -> int:
@@ -58,6 +70,148 @@ def _interpret_params(interpret: bool):
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     return InterpretGPUParams()
+
+
+def _swizzled(dtype, minor: int) -> tuple:
+    """Shared-memory transforms (8-row tiling, widest swizzle) for blocks ``minor`` wide."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """One output tile of a program: ``steps`` contraction steps (traced int32; 0 skips the
+    matmul) and the tile's coordinates, whatever the kernel needs."""
+
+    steps: jax.Array
+    coords: dict
+
+
+def _persistent_matmul(produced, consumed, *, grid: tuple[int, ...],
+                       schedule: Callable[[tuple], _Work],
+                       load: Callable[[_Work, jax.Array, jax.Array, object], None],
+                       mma: Callable[[_Work, jax.Array, jax.Array, object, jax.Array], None],
+                       store: Callable[[_Work, jax.Array, jax.Array], None],
+                       acc_shape: tuple[int, int], stages: int) -> None:
+    """Body of a warp-specialized persistent matmul kernel (threads "wg", programs "sm").
+
+    The programs split the tiles of ``grid`` (``plgpu.nd_loop``); ``schedule(index)`` gives a
+    tile's ``_Work``. The memory warpgroup calls ``load(work, k, slot, barrier)`` for step k of
+    every tile in turn (copies into shared-memory slot ``slot``, each arriving on ``barrier``),
+    waiting only until the slot's previous contents are consumed (``consumed``). Each compute
+    warpgroup wg takes a fresh float32 accumulator ``acc_shape`` per tile, calls ``mma(work, k,
+    slot, acc_ref, wg)`` once the slot has landed (``produced``), frees a slot once the wgmma that
+    read it has finished, and passes the accumulator's value to ``store(work, acc, wg)``.
+    """
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+        def _(loop_info, carry):
+            work = schedule(loop_info.index)
+
+            @pl.loop(0, work.steps)
+            def _(k):
+                step = carry + k
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                load(work, k, slot, produced.at[slot])
+
+            return carry + work.steps
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        registers = min(256, (512 - MEMORY_REGISTERS) // COMPUTE_WGS) // 8 * 8
+        plgpu.set_max_registers(registers, action="increase")
+
+        @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+        def _(loop_info, carry):
+            work = schedule(loop_info.index)
+
+            def acc_scope(acc_ref):
+                @pl.loop(0, work.steps)
+                def _(k):
+                    step = carry + k
+                    slot = lax.rem(step, stages)
+                    plgpu.barrier_wait(produced.at[slot])
+                    mma(work, k, slot, acc_ref, wg)
+                    plgpu.wgmma_wait(1)  # the previous step's wgmma has read its slot
+
+                    @pl.when(k > 0)
+                    def _():
+                        plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                plgpu.wgmma_wait(0)
+
+                @pl.when(work.steps > 0)
+                def _():
+                    plgpu.barrier_arrive(consumed.at[lax.rem(carry + work.steps - 1, stages)])
+
+                return acc_ref[...]
+
+            store(work, pl.run_scoped(acc_scope, plgpu.ACC(acc_shape)), wg)
+            return carry + work.steps
+
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _launch(body, out_type, scratch: list, stages: int, loads_per_step: int, interpret: bool,
+            *args):
+    """Runs ``body(*inputs, out, *scratch, produced, consumed)``: one program per SM with
+    ``COMPUTE_WGS`` compute warpgroups and a memory one sharing ``scratch`` and the barriers of
+    ``stages`` slots (``loads_per_step`` copies land in a slot per step)."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=[*scratch,
+                       plgpu.Barrier(num_arrivals=loads_per_step, num_barriers=stages),
+                       plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)],
+        grid=(num_sms(),),
+        grid_names=("sm",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )(*args)
+
+
+def _store_rows(acc, o_smem, o_gmem, row0, first: int | jax.Array, count: int | jax.Array,
+                col0, epilogue_m: int) -> None:
+    """Stores rows ``[first, first + count)`` of a tile's accumulator ``acc [block_m, block_n]``
+    to ``o_gmem`` rows ``row0 + first...``, columns ``col0...``, through ``o_smem [epilogue_m,
+    block_n]`` one round of ``epilogue_m`` rows at a time, each round's rows as a ladder of
+    power-of-two TMA copies (their row counts must be static). The copies are left in flight;
+    the next round (or the kernel's end) waits for them to have read ``o_smem``."""
+    block_m, block_n = acc.shape
+    m = o_gmem.shape[0]
+    for r0 in range(0, block_m, epilogue_m):
+        start = jnp.clip(first, r0, r0 + epilogue_m)
+        end = jnp.clip(first + count, r0, r0 + epilogue_m)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem[...] = acc[r0:r0 + epilogue_m].astype(o_smem.dtype)
+        plgpu.commit_smem()
+        offset = start - r0
+        size = end - start
+        rows = min(epilogue_m, m)
+        while rows > 0:
+            chunk = 1 << int(math.log2(rows))
+            rows //= 2
+
+            @pl.when(size & chunk != 0)
+            def _():
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[pl.ds(offset, chunk)],
+                    o_gmem.at[pl.ds(row0 + r0 + offset, chunk), pl.ds(col0, block_n)])
+
+            offset += size & chunk
 
 
 def _row_table(group_sizes: jax.Array, m: int, block_m: int, align: int) -> jax.Array:
@@ -88,128 +242,99 @@ def _tile_rows(table_ref, num_groups: int, block_m: int, tid):
     return group, row0, lo, jnp.maximum(hi - lo, 0)
 
 
-def _store_rows(acc, o_gmem, row0, lo, size, col0: int | jax.Array, block_m: int, block_n: int,
-                m: int):
-    """Stores rows ``[lo, lo + size)`` of the tile at row ``row0`` (at most ``block_m``) through
-    a ladder of power-of-two TMA copies (their row counts must be static)."""
-
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), dtype=o_gmem.dtype))
-    def _(o_smem):
-        o_smem[...] = acc.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        offset = lo - row0
-        rows = min(block_m, m)
-        while rows > 0:
-            chunk = 1 << int(math.log2(rows))
-            rows //= 2
-
-            @pl.when(size & chunk != 0)
-            def _():
-                plgpu.copy_smem_to_gmem(
-                    o_smem.at[pl.ds(offset, chunk)],
-                    o_gmem.at[pl.ds(row0 + offset, chunk), pl.ds(col0, block_n)])
-
-            offset += size & chunk
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
 def ragged_matmul(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array, *,
                   transpose_rhs: bool, tiles: Tiles,
                   interpret: bool = False) -> jax.Array:
     """Grouped matmul over row groups of ``x``.
 
     Without ``transpose_rhs``: x ``[M, K]``, ws ``([G, K, N_j], ...)`` -> ``[M, sum_j N_j]``,
-    columns of weight j side by side; every N_j a multiple of ``block_n``.
+    columns of weight j side by side; every N_j a multiple of ``tiles.tile_n``.
     With ``transpose_rhs``: x ``[M, sum_j K_j]``, ws ``([G, N, K_j], ...)`` ->
-    ``[M, N] = sum_j x[:, K_j cols] @ w_j[g]^T``; every K_j a multiple of ``block_k``.
-    group_sizes int32 ``[G]`` with ``sum <= M``; rows past the sum are zero. Output in x's dtype,
-    float32 accumulation.
+    ``[M, N] = sum_j x[:, K_j cols] @ w_j[g]^T``; every K_j a multiple of ``block_k``, N of
+    ``tiles.tile_n``. group_sizes int32 ``[G]`` with ``sum <= M``; M a multiple of 8; rows past
+    the sum are zero. Output in x's dtype, float32 accumulation.
     """
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    bm, bn, bk, tn = tiles.block_m, tiles.block_n, tiles.block_k, tiles.tile_n
     m = x.shape[0]
     g = ws[0].shape[0]
     if transpose_rhs:
         n = ws[0].shape[1]
-        k_sizes = [w.shape[2] for w in ws]
-        n_sizes = [n]
+        k_sizes, n_sizes = [w.shape[2] for w in ws], [n]
     else:
-        k_sizes = [ws[0].shape[1]]
-        n_sizes = [w.shape[2] for w in ws]
+        k_sizes, n_sizes = [ws[0].shape[1]], [w.shape[2] for w in ws]
         n = sum(n_sizes)
-    shared = {w.shape[:2] for w in ws}
-    if len(shared) != 1 or x.shape[1] != sum(k_sizes):
+    if len({w.shape[:2] for w in ws}) != 1 or x.shape[1] != sum(k_sizes):
         raise ValueError(f"weights {[w.shape for w in ws]} do not fit x {x.shape}")
-    if any(s % bk for s in k_sizes) or any(s % bn for s in n_sizes):
-        raise ValueError(f"contraction {k_sizes} and output {n_sizes} sizes must be multiples of "
-                         f"block_k={bk} and block_n={bn}")
-    k_offsets = [sum(k_sizes[:j]) // bk for j in range(len(k_sizes))]
-    n_offsets = [sum(n_sizes[:j]) // bn for j in range(len(n_sizes))]
+    if any(s % bk for s in k_sizes) or any(s % tn for s in n_sizes) or m % 8:
+        raise ValueError(f"contraction {k_sizes}, output {n_sizes} and M={m} must be multiples "
+                         f"of block_k={bk}, tile_n={tn} and 8")
+    k_firsts = [sum(k_sizes[:j]) // bk for j in range(len(ws))]  # first step of weight j
+    n_firsts = [sum(n_sizes[:j]) // tn for j in range(len(ws))]  # first column tile of weight j
+    k_steps = sum(k_sizes) // bk
 
-    align = 8 if tiles.aligned and m % 8 == 0 else bm
+    align = 8 if tiles.aligned else bm
     if align == bm:
         grid_m = pl.cdiv(m, bm) + g
     else:  # a group's tiles cover at most its rows + 7 more, plus a partial tile
         grid_m = pl.cdiv(m + (align - 1) * (g + 1), bm) + g + 1
+    grid_n = n // tn
+    dtype = x.dtype
+    w_block = (tn, bk) if transpose_rhs else (bk, tn)
 
     def body(table_gmem, x_gmem, *refs):
-        w_gmems, o_gmem = refs[:-1], refs[-1]
-        grid_n = n // bn
+        w_gmems, (o_gmem, x_smem, w_smem, o_smem, produced, consumed) = refs[:-6], refs[-6:]
 
-        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-        def _(loop_info: plgpu.NDLoopInfo):
-            mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1,
-                                        tiles.grid_block_n)
+        def schedule(index):
+            mi, ni = plgpu.planar_snake(index[0], (grid_m, grid_n), 1, tiles.grid_block_n)
             group, row0, lo, size = _tile_rows(table_gmem, g, bm, mi)
-            row0 = pl.multiple_of(row0, align)
+            steps = jnp.where((size > 0) & (group < g), k_steps, 0)
+            return _Work(steps, dict(ni=ni, group=group, row0=pl.multiple_of(row0, align),
+                                     lo=lo, size=size))
 
-            def pipeline(acc_ref, w_gmem, k_steps: int, k_offset: int, n_tile):
-                def step(_, x_smem, w_smem):
-                    plgpu.wgmma(acc_ref, x_smem, w_smem.T if transpose_rhs else w_smem)
+        def load(work, k, slot, barrier):
+            c = work.coords
+            plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(c["row0"], bm), pl.ds(k * bk, bk)],
+                                    x_smem.at[slot], barrier)
+            for j, w_gmem in enumerate(w_gmems):
+                if transpose_rhs:  # the weights split the contraction
+                    first, count, local = k_firsts[j], k_sizes[j] // bk, k - k_firsts[j]
+                    mine = (k >= first) & (k < first + count)
+                    src = w_gmem.at[c["group"], pl.ds(c["ni"] * tn, tn), pl.ds(local * bk, bk)]
+                else:  # the weights split the output columns
+                    first, count, local = n_firsts[j], n_sizes[j] // tn, c["ni"] - n_firsts[j]
+                    mine = (c["ni"] >= first) & (c["ni"] < first + count)
+                    src = w_gmem.at[c["group"], pl.ds(k * bk, bk), pl.ds(local * tn, tn)]
+                if len(w_gmems) == 1:
+                    plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier)
+                else:
+                    @pl.when(mine)
+                    def _():
+                        plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier)
 
-                w_block = (bn, bk) if transpose_rhs else (bk, bn)
-                w_index = (lambda k: (n_tile, k)) if transpose_rhs else (lambda k: (k, n_tile))
-                plgpu.emit_pipeline(
-                    step,
-                    grid=(k_steps,),
-                    in_specs=[
-                        plgpu.BlockSpec((pl.Element(bm), bk), lambda k: (row0, k + k_offset),
-                                        delay_release=1),
-                        plgpu.BlockSpec(w_block, w_index, delay_release=1),
-                    ],
-                    max_concurrent_steps=tiles.stages,
-                )(x_gmem, w_gmem.at[group])
+        def mma(work, k, slot, acc_ref, wg):
+            cols = pl.ds(wg * bn, bn)
+            rhs = w_smem.at[slot, cols].T if transpose_rhs else w_smem.at[slot, :, cols]
+            plgpu.wgmma(acc_ref, x_smem.at[slot], rhs)
 
-            def acc_scope(acc_ref):
-                @pl.when(group < g)  # the virtual group past the real ones stores zeros
-                def _():
-                    if transpose_rhs:  # the weights split the contraction: one accumulation
-                        for j, w_gmem in enumerate(w_gmems):
-                            pipeline(acc_ref, w_gmem, k_sizes[j] // bk, k_offsets[j], ni)
-                            plgpu.wgmma_wait(0)
-                    else:  # the weights split the output columns: one weight per tile
-                        for j, w_gmem in enumerate(w_gmems):
-                            first, count = n_offsets[j], n_sizes[j] // bn
+        def store(work, acc, wg):
+            c = work.coords
 
-                            @pl.when((ni >= first) & (ni < first + count))
-                            def _():
-                                pipeline(acc_ref, w_gmem, k_sizes[0] // bk, 0, ni - first)
-
-                return acc_ref[...]
-
-            @pl.when(size > 0)
+            @pl.when(c["size"] > 0)  # the virtual group past the real ones stores zeros
             def _():
-                acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-                _store_rows(acc, o_gmem, row0, lo, size, ni * bn, bm, bn, m)
+                _store_rows(acc, o_smem.at[wg], o_gmem, c["row0"], c["lo"] - c["row0"],
+                            c["size"], c["ni"] * tn + wg * bn, tiles.epilogue_m)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(num_sms(),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
-    return kernel(_row_table(group_sizes, m, bm, align), x, *ws)
+        _persistent_matmul(produced, consumed, grid=(grid_m * grid_n,), schedule=schedule,
+                           load=load, mma=mma, store=store, acc_shape=(bm, bn),
+                           stages=tiles.stages)
+
+    scratch = [
+        plgpu.SMEM((tiles.stages, bm, bk), dtype, transforms=_swizzled(dtype, bk)),
+        plgpu.SMEM((tiles.stages, *w_block), dtype, transforms=_swizzled(dtype, w_block[1])),
+        plgpu.SMEM((COMPUTE_WGS, tiles.epilogue_m, bn), dtype),
+    ]
+    return _launch(body, jax.ShapeDtypeStruct((m, n), dtype), scratch, tiles.stages, 2,
+                   interpret, _row_table(group_sizes, m, bm, align), x, *ws)
 
 
 def transposed_ragged_matmul(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
@@ -217,95 +342,71 @@ def transposed_ragged_matmul(x: jax.Array, dy: jax.Array, group_sizes: jax.Array
                              interpret: bool = False) -> jax.Array:
     """Per-group ``x^T @ dy``: x ``[M, K]``, dy ``[M, N_all]``, group_sizes int32 ``[G]`` ->
     ``[G, K, cols]`` with ``out[g] = x[rows of g]^T @ dy[rows of g, col_start:col_start + cols]``
-    (zeros for empty groups). K a multiple of ``block_m``; col_start and cols of ``block_n``.
+    (zeros for empty groups). K a multiple of ``block_m``; col_start and cols of ``tile_n``.
     Output in x's dtype, float32 accumulation. Here ``block_m`` tiles K and ``block_k`` the rows M.
     """
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    bm, bn, bk, tn = tiles.block_m, tiles.block_n, tiles.block_k, tiles.tile_n
     m, kdim = x.shape
     g = group_sizes.shape[0]
-    if kdim % bm or col_start % bn or cols % bn:
+    if kdim % bm or col_start % tn or cols % tn:
         raise ValueError(f"K={kdim}, col_start={col_start}, cols={cols} must be multiples of "
-                         f"block_m={bm}, block_n={bn}")
+                         f"block_m={bm}, tile_n={tn}")
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     first_blocks = starts // bk
     num_blocks = jnp.where(sizes > 0, (ends + bk - 1) // bk - first_blocks, 0)
+    bounds = jnp.stack([starts, ends, first_blocks, num_blocks]).astype(jnp.int32)
+    grid_m, grid_n = kdim // bm, cols // tn
+    dtype = x.dtype
 
-    swizzle = plgpu.find_swizzle(bk * jnp.dtype(x.dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(x.dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
-    n_offset = col_start // bn
+    def body(bounds_gmem, x_gmem, dy_gmem, o_gmem, x_smem, dy_smem, o_smem, produced, consumed):
+        def schedule(index):
+            gi = index[0]
+            mi, ni = plgpu.planar_snake(index[1], (grid_m, grid_n), 1, tiles.grid_block_n)
+            return _Work(bounds_gmem[3, gi], dict(gi=gi, mi=mi, ni=ni))
 
-    def body(starts_gmem, ends_gmem, first_gmem, nblocks_gmem, x_gmem, dy_gmem, o_gmem):
-        grid_m, grid_n = kdim // bm, cols // bn
+        def load(work, k, slot, barrier):
+            c = work.coords
+            rows = pl.ds((bounds_gmem[2, c["gi"]] + k) * bk, bk)
+            plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(c["mi"] * bm, bm)], x_smem.at[slot],
+                                    barrier)
+            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(col_start + c["ni"] * tn, tn)],
+                                    dy_smem.at[slot], barrier)
 
-        @plgpu.nd_loop((g, grid_m * grid_n), collective_axes="sm")
-        def _(loop_info: plgpu.NDLoopInfo):
-            gi = loop_info.index[0]
-            mi, ni = plgpu.planar_snake(loop_info.index[1], (grid_m, grid_n), 1,
-                                        tiles.grid_block_n)
-            first_block = first_gmem[gi]
-            nblocks = nblocks_gmem[gi]
+        def mma(work, k, slot, acc_ref, wg):
+            gi = work.coords["gi"]
+            dy_half = dy_smem.at[slot, :, pl.ds(wg * bn, bn)]
 
-            def mask_rows(x_smem, keep):
-                rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (bk, bm), 0),
+            def mask_rows(keep):  # rows of the block outside the group: zero
+                rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (bk, bn), 0),
                                          plgpu.Layout.WGMMA)
-                x_smem[...] = x_smem[...] * keep(rows).astype(x_smem.dtype)
+                dy_half[...] = dy_half[...] * keep(rows).astype(dtype)
                 plgpu.commit_smem()
 
-            def acc_scope(acc_ref):
-                def step(idx, x_smem, dy_smem):
-                    step_i = idx[0]
+            @pl.when(k == 0)
+            def _():
+                mask_rows(lambda r: r >= lax.rem(bounds_gmem[0, gi], bk))
 
-                    @pl.when(step_i == 0)
-                    def _():
-                        mask_rows(x_smem, lambda r: r >= lax.rem(starts_gmem[gi], bk))
+            @pl.when(k == work.steps - 1)
+            def _():
+                mask_rows(lambda r: r <= lax.rem(bounds_gmem[1, gi] - 1, bk))
 
-                    @pl.when(step_i == nblocks - 1)
-                    def _():
-                        mask_rows(x_smem, lambda r: r <= lax.rem(ends_gmem[gi] - 1, bk))
+            plgpu.wgmma(acc_ref, x_smem.at[slot].T, dy_half)
 
-                    plgpu.wgmma(acc_ref, x_smem.T, dy_smem)
-                    if tiles.stages == 1:
-                        plgpu.wgmma_wait(0)
+        def store(work, acc, wg):
+            c = work.coords
+            _store_rows(acc, o_smem.at[wg], o_gmem.at[c["gi"]], c["mi"] * bm, 0, bm,
+                        c["ni"] * tn + wg * bn, tiles.epilogue_m)
 
-                release = 1 if tiles.stages > 1 else 0
+        _persistent_matmul(produced, consumed, grid=(g, grid_m * grid_n), schedule=schedule,
+                           load=load, mma=mma, store=store, acc_shape=(bm, bn),
+                           stages=tiles.stages)
 
-                @pl.when(nblocks > 0)
-                def _():
-                    plgpu.emit_pipeline(
-                        step,
-                        grid=(nblocks,),
-                        in_specs=[
-                            plgpu.BlockSpec((bk, bm), lambda k: (k + first_block, mi),
-                                            delay_release=release, transforms=transforms),
-                            plgpu.BlockSpec((bk, bn), lambda k: (k + first_block, ni + n_offset),
-                                            delay_release=release, transforms=transforms),
-                        ],
-                        max_concurrent_steps=tiles.stages,
-                    )(x_gmem, dy_gmem)
-
-                return acc_ref[...]
-
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-
-            @functools.partial(pl.run_scoped,
-                               o_smem=plgpu.SMEM((bm, bn), dtype=o_gmem.dtype,
-                                                 transforms=transforms))
-            def _(o_smem):
-                o_smem[...] = acc.astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    o_smem, o_gmem.at[gi, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((g, kdim, cols), x.dtype),
-        grid=(num_sms(),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
-    )
-    return kernel(starts, ends, first_blocks, num_blocks, x, dy)
+    scratch = [
+        plgpu.SMEM((tiles.stages, bk, bm), dtype, transforms=_swizzled(dtype, bm)),
+        plgpu.SMEM((tiles.stages, bk, tn), dtype, transforms=_swizzled(dtype, tn)),
+        plgpu.SMEM((COMPUTE_WGS, tiles.epilogue_m, bn), dtype),
+    ]
+    return _launch(body, jax.ShapeDtypeStruct((g, kdim, cols), dtype), scratch, tiles.stages, 2,
+                   interpret, bounds, x, dy)

@@ -83,7 +83,8 @@ def test_dispatch_on_cpu(rng):
 
 def test_pick_tiles():
     assert pick_tiles("fwd", 6144, 9216).block_n == 128
-    assert pick_tiles("fwd", 128, 64).block_n == 64
+    assert pick_tiles("fwd", 128, 128).tile_n == 128
+    assert pick_tiles("fwd", 128, 64) is None  # output not a multiple of any tile's width
     assert pick_tiles("fwd", 96, 128) is None  # contraction not a multiple of block_k
     assert pick_tiles("dw", 100, 128) is None  # weight rows not a multiple of block_m
 
@@ -98,7 +99,7 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     monkeypatch.setattr(grouped_matmul_gpu, "_interpret_params",
                         lambda interpret: InterpretGPUParams(detect_races=True))
     interpret_pallas_call.reset_gpu_interpret_mode_state()
-    x, ws, sizes = make_inputs(rng, 203, 64, 128, 4, 180, dtype, num_weights=2)
+    x, ws, sizes = make_inputs(rng, 203, 128, 128, 4, 180, dtype, num_weights=2)
     sizes = jnp.asarray(sizes)
     dy = jnp.asarray(rng.standard_normal((203, 256)), dtype)
 
