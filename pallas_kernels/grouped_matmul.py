@@ -22,14 +22,14 @@ IMPLS = ("auto", "pallas", "xla")
 # Tiles per (kernel, contraction size, output width per weight): the fastest of benchmarks/moe.py's
 # sweep at E = 32, M = 16384 on an H200 (benchmarks/RESULTS.md); other shapes take the first
 # candidate that divides them.
-_FWD = Tiles(128, 128, 64, 4, 4, True)  # row tiles aligned to 8 rows, bands of 4 column tiles
-_DX = Tiles(128, 128, 64, 4, 8, True)
-_DW = Tiles(128, 128, 64, 4, 1)
+_FWD = Tiles(128, 256, 64, 4, 4, True)  # row tiles aligned to 8 rows, bands of 4 column tiles
+_DX = Tiles(128, 256, 64, 4, 8, True)
+_DW = Tiles(128, 256, 64, 4, 1)
 TILE_TABLE: dict[tuple[str, int, int], Tiles] = {
     ("fwd", 6144, 9216): _FWD, ("dx", 9216, 6144): _DX, ("dw", 6144, 9216): _DW,
     ("fwd", 9216, 6144): _FWD, ("dx", 6144, 9216): _DX, ("dw", 9216, 6144): _DW,
 }
-CANDIDATES = (Tiles(128, 128, 64, 4, 1), Tiles(128, 64, 64, 4, 1), Tiles(64, 64, 64, 4, 1))
+CANDIDATES = (Tiles(128, 256, 64, 4, 1), Tiles(128, 128, 64, 4, 1), Tiles(128, 64, 64, 4, 1))
 ROW_MULTIPLE = 8  # the kernels' row count must be a multiple of their 8-row TMA tiling
 MIN_ROWS = 128  # the tallest tile (block_m, or block_k of the d_w kernel) in the table
 # Device kinds on which the GPU check of benchmarks/moe.py passed: "auto" takes the kernels only
@@ -43,7 +43,7 @@ def pick_tiles(kernel: str, k: int, n: int) -> Tiles | None:
     if (kernel, k, n) in TILE_TABLE:
         return TILE_TABLE[kernel, k, n]
     return next((t for t in CANDIDATES
-                 if k % (t.block_m if kernel == "dw" else t.block_k) == 0 and n % t.tile_n == 0),
+                 if k % (t.block_m if kernel == "dw" else t.block_k) == 0 and n % t.block_n == 0),
                 None)
 
 

@@ -82,16 +82,16 @@ def test_dispatch_on_cpu(rng):
 
 
 def test_pick_tiles():
-    assert pick_tiles("fwd", 6144, 9216).block_n == 128
-    assert pick_tiles("fwd", 128, 128).tile_n == 128
-    assert pick_tiles("fwd", 128, 64) is None  # output not a multiple of any tile's width
+    assert pick_tiles("fwd", 6144, 9216) == gmm_module.TILE_TABLE["fwd", 6144, 9216]
+    assert pick_tiles("fwd", 128, 128).block_n == 128
+    assert pick_tiles("fwd", 128, 32) is None  # output not a multiple of any tile's width
     assert pick_tiles("fwd", 96, 128) is None  # contraction not a multiple of block_k
     assert pick_tiles("dw", 100, 128) is None  # weight rows not a multiple of block_m
 
 
 @pytest.mark.parametrize("dtype,aligned", [(jnp.float32, False), (jnp.bfloat16, True)])
 def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
-    """M = 200 (not a multiple of any tile), an empty group, 180 rows in groups (20 zero rows), two
+    """M = 203 (not a multiple of any tile), an empty group, 180 rows in groups (23 zero rows), two
     weights in one launch; value and gradients of x and both weights vs lax.ragged_dot. Row tiles
     in JAX's schedule, or aligned to 8 rows."""
     candidates = tuple(dataclasses.replace(t, aligned=aligned) for t in gmm_module.CANDIDATES)
@@ -115,6 +115,26 @@ def test_pallas_interpret_value_and_gradients(rng, monkeypatch, dtype, aligned):
     assert np.all(np.asarray(dx[180:]) == 0) and np.all(np.asarray(dw1[1]) == 0)
     for got, want in ((dx, rdx), (dw1, rdw1), (dw3, rdw3)):
         assert rel_err(got, want) < TOL[dtype]
+    assert not interpret_pallas_call.get_races().races_found
+
+
+def test_transposed_kernel_group_blocks(rng, monkeypatch):
+    """d_w kernel alone: a group starting off the 8-row grid, an empty group, and a last block
+    that would run past M (its start pulled back, the rows seen twice masked)."""
+    monkeypatch.setattr(grouped_matmul_gpu, "_interpret_params",
+                        lambda interpret: InterpretGPUParams(detect_races=True))
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    sizes = np.array([3, 0, 133], np.int32)
+    x = jnp.asarray(rng.standard_normal((136, 128)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((136, 192)), jnp.float32)
+    tiles = grouped_matmul_gpu.Tiles(128, 64, 64, 2)
+    got = grouped_matmul_gpu.transposed_ragged_matmul(x, dy, jnp.asarray(sizes), col_start=64,
+                                                      cols=128, tiles=tiles, interpret=True)
+    ends = np.cumsum(sizes)
+    want = np.stack([np.asarray(x[e - s:e], np.float64).T @ np.asarray(dy[e - s:e, 64:], np.float64)
+                     for s, e in zip(sizes, ends)])
+    assert np.all(np.asarray(got[1]) == 0)
+    assert rel_err(got, want) < TOL[jnp.float32]
     assert not interpret_pallas_call.get_races().races_found
 
 
