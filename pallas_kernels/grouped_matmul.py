@@ -22,12 +22,12 @@ IMPLS = ("auto", "pallas", "xla")
 # Tiles per (kernel, contraction size, output width per weight): the fastest of benchmarks/moe.py's
 # sweep at E = 32, M = 16384 on an H200 (benchmarks/RESULTS.md); other shapes take the first
 # candidate that divides them.
-_FWD = Tiles(128, 256, 64, 4, 4, True)  # row tiles aligned to 8 rows, bands of 4 column tiles
-_DX = Tiles(128, 256, 64, 4, 8, True)
-_DW = Tiles(128, 256, 64, 4, 1)
+_ROWS = Tiles(128, 256, 64, 4, 4, True)  # row tiles aligned to 8 rows, bands of 4 column tiles
 TILE_TABLE: dict[tuple[str, int, int], Tiles] = {
-    ("fwd", 6144, 9216): _FWD, ("dx", 9216, 6144): _DX, ("dw", 6144, 9216): _DW,
-    ("fwd", 9216, 6144): _FWD, ("dx", 6144, 9216): _DX, ("dw", 9216, 6144): _DW,
+    ("fwd", 6144, 9216): _ROWS, ("dx", 9216, 6144): _ROWS,
+    ("dw", 6144, 9216): Tiles(128, 256, 64, 4, 2),
+    ("fwd", 9216, 6144): _ROWS, ("dx", 6144, 9216): Tiles(128, 256, 64, 4, 8, True),
+    ("dw", 9216, 6144): Tiles(128, 256, 64, 4, 1),
 }
 CANDIDATES = (Tiles(128, 256, 64, 4, 1), Tiles(128, 128, 64, 4, 1), Tiles(128, 64, 64, 4, 1))
 ROW_MULTIPLE = 8  # the kernels' row count must be a multiple of their 8-row TMA tiling
