@@ -17,8 +17,11 @@ walks its output tiles; a memory warpgroup streams the operand blocks of all its
 ``stages`` shared-memory slots without stopping between tiles, while two compute warpgroups
 accumulate the upper and lower halves of a ``block_m x block_n`` tile in registers (wgmmas 64
 rows high and ``block_n`` wide) and store them, so one tile's epilogue overlaps the next tile's
-loads. bf16/f16 operands, float32
-accumulation; also runs on the CPU in Pallas' GPU interpret mode (any float dtype there).
+loads. bf16/f16 operands, float32 accumulation; also runs on the CPU in Pallas' GPU interpret
+mode (any float dtype there).
+
+The row schedule of ``ragged_matmul`` (tiles per group, the straddling tiles, the ladder of row
+stores) follows JAX's ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` (Apache License 2.0).
 """
 
 from __future__ import annotations
