@@ -89,8 +89,8 @@ def test_gather_rows_gradient(rng):
 
 def test_layer_through_kernels_interpret(rng, monkeypatch):
     """The layer with its grouped matmuls on the Mosaic GPU kernels (interpret mode) equals the
-    lax.ragged_dot layer, gradients included."""
-    cfg = tiny_config(intermediate_size=128)
+    lax.ragged_dot layer, gradients included (hidden 128: the d_w kernel's smallest tile)."""
+    cfg = tiny_config(hidden_size=128, intermediate_size=128)
     layer = SparseMoE(cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     x = jnp.asarray(rng.standard_normal((1, 45, cfg.hidden_size)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
