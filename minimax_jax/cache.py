@@ -49,6 +49,29 @@ class Cache:
         return self.key.shape[3]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKV:
+    """One softmax layer's view of the cache: key, value `[P, Z, N, K]` (the pool's pages) and
+    page_table int32 `[B, R]` (see `Cache`)."""
+
+    key: jax.Array
+    value: jax.Array
+    page_table: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BlockCache:
+    """One scanned block's slice of the cache: lightning_state float32 `[n_linear, B, H, K, K]`,
+    key and value pages `[n_full, P, Z, N, K]`, page_table int32 `[B, R]`."""
+
+    lightning_state: jax.Array
+    key: jax.Array
+    value: jax.Array
+    page_table: jax.Array
+
+
 def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int, *,
                page_size: int | None = None, num_pages: int | None = None) -> Cache:
     """An empty cache for `batch_size` rows of up to `max_length` tokens (K/V in cfg.dtype).

@@ -15,12 +15,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import yaml
 
+from pallas_kernels import IMPLS as LIGHTNING_IMPLS
+from pallas_kernels import SOFTMAX_IMPLS
+from pallas_kernels.grouped_matmul import IMPLS as MOE_IMPLS
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
 DTYPES = ("float32", "bfloat16", "float16")
-LIGHTNING_IMPLS = ("auto", "pallas", "chunked", "reference")
-MOE_IMPLS = ("auto", "pallas", "xla")
 
 
 class ConfigError(ValueError):
@@ -34,8 +36,12 @@ class MiniMaxConfig:
     `layer_types[l]` is "linear_attention" (lightning) or "full_attention" (softmax GQA) for
     absolute layer l. `rotary_dim` is the number of leading head dims rotated by RoPE.
     `dtype` is the activation (compute) dtype, `param_dtype` the dtype parameters are stored in.
-    `lightning_impl` and `moe_impl` pick the kernels (`pallas_kernels.lightning_attention`,
-    `pallas_kernels.grouped_matmul`). `remat` recomputes each scanned block's activations in the backward pass instead of storing them.
+    `lightning_impl`, `softmax_impl` and `moe_impl` pick the ops' implementations
+    (`pallas_kernels.lightning_attention`, `pallas_kernels.softmax_attention`,
+    `pallas_kernels.grouped_matmul`). `remat` recomputes each scanned block's activations in the
+    backward pass instead of storing them. `block_size` is the checkpoints' `block_size` field (the
+    remote code's lightning chunk length), kept for the HF round trip; results do not depend on it,
+    and the lightning op always works in `pallas_kernels.LIGHTNING_CHUNK`-token blocks.
     """
 
     vocab_size: int = 200064
@@ -67,6 +73,7 @@ class MiniMaxConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     lightning_impl: str = "auto"
+    softmax_impl: str = "auto"
     moe_impl: str = "auto"
     remat: bool = False
 
@@ -95,7 +102,8 @@ class MiniMaxConfig:
                 f"[1, num_local_experts={self.num_local_experts}]"
             )
         for key, valid in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                           ("lightning_impl", LIGHTNING_IMPLS), ("moe_impl", MOE_IMPLS)):
+                           ("lightning_impl", LIGHTNING_IMPLS), ("softmax_impl", SOFTMAX_IMPLS),
+                           ("moe_impl", MOE_IMPLS)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
 

@@ -7,10 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.attention import SoftmaxAttention
+from minimax_jax.cache import BlockCache, PagedKV
 from minimax_jax.config import LINEAR, MiniMaxConfig
+from minimax_jax.layout import TokenLayout
 from minimax_jax.lightning import LightningAttention
 from minimax_jax.moe import SparseMoE
 from minimax_jax.norm import RMSNorm
+
+CacheView = jax.Array | PagedKV | None  # a lightning state `[B, H, K, K]`, a softmax layer's pages
 
 
 class DecoderLayer(nnx.Module):
@@ -29,33 +33,23 @@ class DecoderLayer(nnx.Module):
         )
         self.block_sparse_moe = SparseMoE(cfg, rngs=rngs)
 
-    def __call__(
-        self,
-        h: jax.Array,
-        *,
-        slopes: jax.Array,
-        positions: jax.Array,
-        visible: jax.Array,
-        mask: jax.Array | None,
-        segment_ids: jax.Array | None,
-        state: jax.Array | None,
-        kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
-    ):
-        """h `[B, T, D]` -> (h `[B, T, D]`, new lightning state, new K/V pages, router stats).
+    def __call__(self, h: jax.Array, layout: TokenLayout, view: CacheView, *,
+                 slopes: jax.Array) -> tuple[jax.Array, CacheView, dict[str, jax.Array]]:
+        """h `[B, T, D]` -> (h `[B, T, D]`, the updated cache view, router stats).
 
-        Lightning layers use slopes `[H]`, mask, segment_ids and state; softmax layers use
-        positions, visible and kv_cache (see `LightningAttention` / `SoftmaxAttention`).
+        view: a lightning layer's state float32 `[B, H, K, K]` (None: zeros; the new state is
+        returned either way), a softmax layer's `PagedKV` or None (no cache). slopes float32 `[H]`
+        (lightning layers only).
         """
         xn = self.input_layernorm(h)
         if self.layer_type == LINEAR:
-            a, state = self.self_attn(xn, slopes=slopes, mask=mask, segment_ids=segment_ids, state=state)
-            new_kv = None
+            a, view = self.self_attn(xn, layout, view, slopes=slopes)
         else:
-            a, new_kv = self.self_attn(xn, positions=positions, visible=visible, kv_cache=kv_cache)
+            a, view = self.self_attn(xn, layout, view)
         h = self.alpha * xn + self.beta * a
         zn = self.post_attention_layernorm(h)
-        f, stats = self.block_sparse_moe(zn, mask)
-        return self.mlp_alpha * zn + self.mlp_beta * f, state, new_kv, stats
+        f, stats = self.block_sparse_moe(zn, layout.valid)
+        return self.mlp_alpha * zn + self.mlp_beta * f, view, stats
 
 
 class DecoderBlock(nnx.Module):
@@ -64,46 +58,28 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
 
-    def __call__(
-        self,
-        h: jax.Array,
-        *,
-        slopes: jax.Array,
-        positions: jax.Array,
-        visible: jax.Array,
-        mask: jax.Array | None,
-        segment_ids: jax.Array | None,
-        lightning_state: jax.Array | None,
-        kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
-    ):
-        """Run the block's layers in order.
-
-        h `[B, T, D]`; slopes float32 `[P, H]` (one row per layer of the block, absolute-layer
-        slopes); lightning_state float32 `[n_linear, B, H, K, K]` or None; kv_cache (key pages
-        `[n_full, P, Z, N, K]`, value pages, page_table int32 `[B, R]`, start int32 `[B]`) or None.
-        Returns (h, new lightning_state or None, (key, value) pages or None, router stats stacked
-        over the P layers).
-        """
-        states, kvs, stats = [], [], []
+    def __call__(self, h: jax.Array, layout: TokenLayout, cache: BlockCache | None, *,
+                 slopes: jax.Array) -> tuple[jax.Array, BlockCache | None, dict[str, jax.Array]]:
+        """Run the block's layers in order: h `[B, T, D]`, slopes float32 `[P, H]` (one row per
+        layer of the block). Returns (h, the updated block cache or None, router stats stacked
+        over the P layers)."""
+        states, keys, values, stats = [], [], [], []
         for i, layer in enumerate(self.layers):
-            state = kv = None
             if layer.layer_type == LINEAR:
-                state = None if lightning_state is None else lightning_state[len(states)]
-            elif kv_cache is not None:
-                kv = (kv_cache[0][len(kvs)], kv_cache[1][len(kvs)], *kv_cache[2:])
-            h, state, new_kv, layer_stats = layer(
-                h, slopes=slopes[i], positions=positions, visible=visible, mask=mask,
-                segment_ids=segment_ids, state=state, kv_cache=kv,
-            )
+                view = None if cache is None else cache.lightning_state[len(states)]
+            else:
+                view = None if cache is None else PagedKV(
+                    cache.key[len(keys)], cache.value[len(keys)], cache.page_table)
+            h, view, layer_stats = layer(h, layout, view, slopes=slopes[i])
             stats.append(layer_stats)
             if layer.layer_type == LINEAR:
-                states.append(state)
-            elif new_kv is not None:
-                kvs.append(new_kv)
-        new_state = lightning_state
-        if lightning_state is not None and states:
-            new_state = jnp.stack(states)
-        new_kv = None
-        if kv_cache is not None:
-            new_kv = tuple(jnp.stack(x) for x in zip(*kvs)) if kvs else kv_cache[:2]
-        return h, new_state, new_kv, jax.tree.map(lambda *x: jnp.stack(x), *stats)
+                states.append(view)
+            else:
+                keys.append(None if view is None else view.key)
+                values.append(None if view is None else view.value)
+        new_cache = None
+        if cache is not None:
+            stack = lambda xs, old: jnp.stack(xs) if xs else old
+            new_cache = BlockCache(stack(states, cache.lightning_state), stack(keys, cache.key),
+                                   stack(values, cache.value), cache.page_table)
+        return h, new_cache, jax.tree.map(lambda *x: jnp.stack(x), *stats)

@@ -36,7 +36,7 @@ def _generate(graphdef, state, input_ids, attention_mask, key, eos_token_id, *, 
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
     cache = init_cache(model.config, b, t + max_new_tokens)
-    logits, cache, _ = model.forward(input_ids, attention_mask=attention_mask, cache=cache)
+    h, cache, _ = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
     sample = functools.partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k)
 
     def step(carry, step_key):
@@ -49,7 +49,7 @@ def _generate(graphdef, state, input_ids, attention_mask, key, eos_token_id, *, 
 
     done = jnp.zeros((b,), jnp.bool_)
     keys = jax.random.split(key, max_new_tokens)
-    _, tokens = jax.lax.scan(step, (logits[:, -1], cache, done), keys)
+    _, tokens = jax.lax.scan(step, (model.logits(h[:, -1:])[:, 0], cache, done), keys)
     return tokens.T
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 import pallas_kernels
 from minimax_jax.config import MiniMaxConfig
+from minimax_jax.layout import TokenLayout
 from minimax_jax.params import param
 from minimax_jax.norm import RMSNorm
 
@@ -26,34 +27,22 @@ class LightningAttention(nnx.Module):
         self.norm = RMSNorm((h, k), ("heads", "head_dim"), eps=cfg.lightning_norm_eps, param_dtype=pd)
         self.out_proj = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), pd, stddev=std)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        slopes: jax.Array,
-        mask: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        state: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """x `[B, T, D]` (the normed layer input), slopes float32 `[H]`, mask `[B, T]` (0 = padding,
-        contributes nothing), segment_ids int32 `[B, T]`, state float32 `[B, H, K, K]` or None.
+    def __call__(self, x: jax.Array, layout: TokenLayout, state: jax.Array | None = None, *,
+                 slopes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x `[B, T, D]` (the normed layer input), the layout (padding contributes nothing, the
+        state resets at document starts), state float32 `[B, H, K, K]` or None (zeros), slopes
+        float32 `[H]`.
 
         Returns (out `[B, T, D]` in the compute dtype, new state float32 `[B, H, K, K]`).
-        With T == 1 and a state, runs the single-token decode step.
         """
         x = x.astype(self.dtype)
         qkv = jnp.einsum("btd,dhjk->bthjk", x, self.qkv_proj[...].astype(self.dtype))
         qkv = jax.nn.silu(qkv)
-        if mask is not None:
-            qkv = qkv * mask.astype(qkv.dtype)[:, :, None, None, None]
+        if layout.valid is not None:
+            qkv = qkv * layout.valid.astype(qkv.dtype)[:, :, None, None, None]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        if state is not None and x.shape[1] == 1 and segment_ids is None:
-            o, state = pallas_kernels.lightning_decode(q[:, 0], k[:, 0], v[:, 0], slopes, state)
-            o = o[:, None]
-        else:
-            o, state = pallas_kernels.lightning_attention(
-                q, k, v, slopes, initial_state=state, segment_ids=segment_ids, impl=self.impl
-            )
+        o, state = pallas_kernels.lightning_attention(
+            q, k, v, slopes, initial_state=state, segment_ids=layout.segment_ids, impl=self.impl)
         o = self.norm(o.astype(self.dtype))
         gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.output_gate[...].astype(self.dtype)))
         out = jnp.einsum("bthk,hkd->btd", o * gate, self.out_proj[...].astype(self.dtype))

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimax_jax.cache import Cache, write_rows
+from minimax_jax.cache import BlockCache, Cache
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.decoder import DecoderBlock
+from minimax_jax.layout import TokenLayout, make_layout
 from minimax_jax.norm import RMSNorm
 from minimax_jax.params import param
 
@@ -23,22 +24,6 @@ def _stacked_blocks(cfg: MiniMaxConfig, rngs: nnx.Rngs) -> DecoderBlock:
         return DecoderBlock(cfg, rngs=r)
 
     return create(rngs)
-
-
-def default_positions(mask: jax.Array, segment_ids: jax.Array | None, start: jax.Array) -> jax.Array:
-    """RoPE positions `[B, T]` int32: start `[B]` + the number of real tokens before each token.
-
-    With segment_ids, positions restart at 0 at every segment boundary. Padding tokens
-    (mask 0) repeat their neighbour's position; they are never attended to.
-    """
-    if segment_ids is not None:
-        t = jnp.arange(segment_ids.shape[1])
-        boundary = jnp.concatenate(
-            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-        )
-        seg_start = jax.lax.cummax(jnp.where(boundary, t, 0), axis=1)
-        return (t - seg_start).astype(jnp.int32) + start[:, None]
-    return start[:, None] + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 class MiniMaxForCausalLM(nnx.Module):
@@ -78,7 +63,7 @@ class MiniMaxForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         cache: Cache | None = None,
-    ) -> tuple[jax.Array, Cache | None, jax.Array]:
+    ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
         """The full forward pass, optionally continuing from / writing to a cache.
 
         input_ids int32 `[B, T]`. With a cache, row b's chunk is appended after its `length[b]`
@@ -86,42 +71,47 @@ class MiniMaxForCausalLM(nnx.Module):
         Returns (logits float32 `[B, T, V]`, the updated cache or None, router stats averaged
         over layers: {"aux_loss": float32 scalar, "expert_load": float32 `[E]`}).
         """
-        cfg = self.config
+        h, cache, stats = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids,
+                                             attention_mask=attention_mask, cache=cache)
+        return self.logits(h), cache, stats
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
+        """`forward` up to the final norm: (hidden states `[B, T, D]` in the compute dtype, the
+        updated cache or None, router stats). `logits(h)` turns any slice of them into logits."""
         b, t = input_ids.shape
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids cannot be combined with a cache (packed rows are for training)")
-        mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_position
-        if positions is None:
-            positions = default_positions(mask, segment_ids, start)
+        layout = make_layout(b, t, positions=positions, segment_ids=segment_ids,
+                             attention_mask=attention_mask, cache=cache)
+        return self.backbone(self.embed(input_ids), layout, cache)
 
-        idx_q = jnp.arange(t)
-        if cache is None:
-            visible = (idx_q[None, :] <= idx_q[:, None])[None] & mask[:, None, :]
-            if segment_ids is not None:
-                visible &= segment_ids[:, :, None] == segment_ids[:, None, :]
-            kv_mask = None
-        else:
-            kv_mask = write_rows(cache.kv_mask, mask, cache.length)
-            slots = jnp.arange(cache.max_length)
-            last_visible = cache.length[:, None] + idx_q[None, :]  # [B, T]
-            visible = (slots[None, None, :] <= last_visible[:, :, None]) & kv_mask[:, None, :]
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids int32 `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.dtype)
 
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.dtype)
+    def backbone(self, h: jax.Array, layout: TokenLayout,
+                 cache: Cache | None = None) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
+        """The decoder stack and the final norm over embeddings h `[B, T, D]` laid out by `layout`
+        (built with the same cache). Returns (hidden states `[B, T, D]` in the compute dtype,
+        the updated cache or None, router stats averaged over layers)."""
+        cfg = self.config
         slopes = jnp.asarray(cfg.slopes()).reshape(cfg.num_blocks, len(cfg.block_pattern), -1)
-        lin_mask = None if attention_mask is None else mask
         graphdef, block_params = nnx.split(self.blocks)
 
         def body(h, xs):
             params, block_slopes, state, key, value = xs
-            block = nnx.merge(graphdef, params)
-            kv = None if cache is None else (key, value, cache.page_table, cache.length)
-            h, state, new_kv, stats = block(
-                h, slopes=block_slopes, positions=positions, visible=visible, mask=lin_mask,
-                segment_ids=segment_ids, lightning_state=state, kv_cache=kv,
-            )
-            key, value = (None, None) if new_kv is None else new_kv
-            return h, (state, key, value, stats)
+            block_cache = None if cache is None else BlockCache(state, key, value, cache.page_table)
+            h, block_cache, stats = nnx.merge(graphdef, params)(h, layout, block_cache,
+                                                               slopes=block_slopes)
+            if block_cache is None:
+                return h, (None, None, None, stats)
+            return h, (block_cache.lightning_state, block_cache.key, block_cache.value, stats)
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
@@ -129,15 +119,17 @@ class MiniMaxForCausalLM(nnx.Module):
             (None, None, None) if cache is None else (cache.lightning_state, cache.key, cache.value)
         ))
         h, (state, key, value, stats) = jax.lax.scan(body, h, xs)
-
-        h = self.norm(h)
-        logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
         new_cache = None
         if cache is not None:
+            real = h.shape[1] if layout.valid is None else jnp.sum(layout.valid, axis=1, dtype=jnp.int32)
             new_cache = Cache(
                 lightning_state=state, key=key, value=value, page_table=cache.page_table,
-                kv_mask=kv_mask, length=cache.length + t,
-                next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                kv_mask=layout.kv_valid, length=cache.length + h.shape[1],
+                next_position=cache.next_position + real,
             )
-        return logits, new_cache, jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), stats)
+        return self.norm(h), new_cache, jax.tree.map(lambda x: jnp.mean(x, axis=(0, 1)), stats)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Hidden states `[B, T, D]` (from `hidden_states`) -> float32 logits `[B, T, V]`."""
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(self.config.dtype),
+                          preferred_element_type=jnp.float32)

@@ -1,13 +1,15 @@
 """Lightning attention (MiniMax-01 linear attention with per-head exponential decay).
 
-Public API:
+The ops the model computes through, each with a reference beside it:
 
 - ``lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, impl="auto")``
-- ``lightning_decode(q, k, v, slopes, state)``
-
-Implementations: "reference" (token recurrence), "chunked" (block form in plain JAX), "pallas"
-(Mosaic GPU kernels for Hopper, bf16/f16 inputs with head dim 64 or 128; other calls fall back to
-"chunked") and "auto" ("pallas" where the kernels support the call, else "chunked").
+  and ``lightning_decode(q, k, v, slopes, state)``: MiniMax-01 linear attention with per-head
+  exponential decay. Implementations: "reference" (token recurrence), "chunked" (block form in
+  plain JAX), "pallas" (Mosaic GPU kernels for Hopper, bf16/f16 inputs with head dim 64 or 128;
+  other calls fall back to "chunked") and "auto" ("pallas" where the kernels support the call, else
+  "chunked"). A one-token call with no segment ids runs the decode step.
+- ``softmax_attention`` / ``paged_softmax_attention`` (``pallas_kernels.softmax``).
+- ``grouped_matmul`` (``pallas_kernels.grouped_matmul``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from pallas_kernels import lightning_gpu
 from pallas_kernels.chunked import lightning_attention_chunked
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
+from pallas_kernels.softmax import (SOFTMAX_IMPLS, paged_softmax_attention,
+                                              softmax_attention)
 
-__all__ = ["lightning_attention", "lightning_decode", "IMPLS", "grouped_matmul"]
+__all__ = ["lightning_attention", "lightning_decode", "IMPLS", "LIGHTNING_CHUNK", "grouped_matmul",
+           "softmax_attention", "paged_softmax_attention", "SOFTMAX_IMPLS"]
 
 IMPLS = ("auto", "pallas", "chunked", "reference")
+LIGHTNING_CHUNK = lightning_gpu.CHUNK  # tokens per block of the "chunked" form and the kernels
 
 
 def _check_shape(name: str, x: jax.Array, expected: tuple[int, ...]) -> None:
@@ -52,7 +58,7 @@ def _validate(q, k, v, slopes, state, state_name: str, token_ndim: int) -> None:
 def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *,
                         initial_state: jax.Array | None = None,
                         segment_ids: jax.Array | None = None, impl: str = "auto",
-                        block_size: int = 64) -> tuple[jax.Array, jax.Array]:
+                        block_size: int = LIGHTNING_CHUNK) -> tuple[jax.Array, jax.Array]:
   """Causal decayed linear attention: S_t = exp(-slope) S_{t-1} + k_t^T v_t, o_t = q_t S_t.
 
   Args:
@@ -65,6 +71,9 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
     impl: one of ``IMPLS``. With "pallas" (and "auto" on Hopper) slopes are constants: no gradient
       flows to them; "chunked" and "reference" differentiate them too.
     block_size: block length of the "chunked" form.
+
+  A call with T == 1 and no segment ids is one decode step (``lightning_decode``) for every impl
+  but "reference".
 
   Returns:
     o ``[B, T, H, D]`` in q's dtype, final_state float32 ``[B, H, D, D]`` (float64 for float64
@@ -82,6 +91,9 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
     initial_state = jnp.zeros((b, h, d, d), jnp.float32)
   if impl == "reference":
     return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
+  if t == 1 and segment_ids is None:
+    o, state = lightning_decode_reference(q[:, 0], k[:, 0], v[:, 0], slopes, initial_state)
+    return o[:, None], state
   if impl in ("pallas", "auto") and lightning_gpu.supports(q, k, v):
     return lightning_gpu.lightning_attention_pallas(q, k, v, slopes, initial_state, segment_ids)
   return lightning_attention_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)

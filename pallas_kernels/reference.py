@@ -84,3 +84,30 @@ def lightning_decode_reference(
     dt = state_dtype(q, k, v, state)
     o, new_state = decode_step(q, k, v, jnp.exp(-slopes.astype(dt)), state.astype(dt))
     return o.astype(q.dtype), new_state
+
+
+def softmax_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                                q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                                q_offset: jax.Array) -> jax.Array:
+    """Causal GQA softmax attention with every score at once (the oracle; memory O(T * S)).
+
+    q ``[B, T, H, K]``, k and v ``[B, S, N, K]``; key j is visible to query i of row b iff
+    ``j <= i + q_offset[b]`` and the segment ids match. Scores scaled by 1/sqrt(K), softmax in
+    float32 (float64 for float64 inputs). Returns ``[B, T, H, K]`` in q's dtype; 0 for a query
+    that sees nothing.
+    """
+    b, t, h, kd = q.shape
+    s, n = k.shape[1], k.shape[2]
+    dt = state_dtype(q, k, v)
+    vis = jnp.arange(s)[None, None, :] <= jnp.arange(t)[None, :, None] + q_offset[:, None, None]
+    if q_segment_ids is not None:
+        vis &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    qg = q.astype(dt).reshape(b, t, n, h // n, kd)
+    scores = jnp.einsum("btngk,bsnk->bngts", qg, k.astype(dt)) * (kd ** -0.5)
+    scores = jnp.where(vis[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.where(vis[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1)
+    out = jnp.einsum("bngts,bsnk->btngk", p, v.astype(dt))
+    return out.reshape(b, t, h, kd).astype(q.dtype)

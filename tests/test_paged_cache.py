@@ -1,6 +1,5 @@
-"""The paged K/V cache: attention through a shuffled page table equals attention over contiguous
-keys (dense and blockwise), writes land where the table says and nowhere else, and the row
-operations move rows without touching the shared pool."""
+"""The paged K/V cache: writes land where the table says and nowhere else, and the row operations
+move rows without touching the shared pool (attention through the pages: test_softmax_attention)."""
 
 from __future__ import annotations
 
@@ -10,50 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from minimax_jax.attention import grouped_attention, paged_attention
 from minimax_jax.cache import (NO_PAGE, drop_writes, init_cache, keep_rows, put_rows, reset_rows,
                                take_rows, write_pages)
-
-
-def _shuffled_pools(rng, z: int, spare: int, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Arrays xs `[B, S, N, K]` (S = R * Z) scattered over pools of B * R + spare pages in one
-    random order (returned as the page table `[B, R]`, then the pools), the spare pages full of
-    NaN (stale data that must never reach an output)."""
-    b, s = xs[0].shape[:2]
-    r = s // z
-    table = rng.permutation(b * r + spare)[:b * r].reshape(b, r).astype(np.int32)
-    pools = []
-    for x in xs:
-        pool = np.full((b * r + spare, z) + x.shape[2:], np.nan, x.dtype)
-        pool[table.reshape(-1)] = x.reshape((b * r, z) + x.shape[2:])
-        pools.append(pool)
-    return table, *pools
-
-
-@pytest.mark.parametrize("key_block", [2048, 8, 12])  # dense; 2 pages a block; 3 (one padded)
-def test_paged_attention_equals_contiguous(rng, key_block):
-    b, t, h, n, d, z, r = 3, 4, 4, 2, 8, 4, 7
-    s = r * z
-    q, k, v = (rng.standard_normal(shape).astype(np.float32)
-               for shape in ((b, t, h, d), (b, s, n, d), (b, s, n, d)))
-    visible = rng.random((b, t, s)) < 0.6
-    visible[:, :, s - z:] = False  # the last page unseen: its table entry holds no page
-    visible[1] = False  # a row seeing nothing
-    visible[2, 0] = False
-    visible[2, 0, 5] = True  # a query seeing a single key
-    table, k_pool, v_pool = _shuffled_pools(rng, z, 5, k, v)
-    k_pool[table[:, -1]] = np.nan
-    v_pool[table[:, -1]] = np.nan
-    table[:, -1] = NO_PAGE
-    q, k, v, k_pool, v_pool = map(jnp.asarray, (q, k, v, k_pool, v_pool))
-    table, vis = jnp.asarray(table), jnp.asarray(visible)
-    paged = jax.jit(paged_attention, static_argnames="key_block")(q, k_pool, v_pool, table, vis,
-                                                                  key_block=key_block)
-    contiguous = grouped_attention(q, k, v, vis, key_block=key_block)
-    got, want = np.asarray(paged), np.asarray(contiguous)
-    assert np.isfinite(got).all()
-    seen = visible.any(axis=2)  # a query seeing nothing has an arbitrary (finite) output
-    np.testing.assert_allclose(got[seen], want[seen], rtol=1e-6, atol=1e-6)
 
 
 def test_write_pages_follows_the_table_and_drops_the_rest(rng):

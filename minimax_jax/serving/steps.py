@@ -48,10 +48,10 @@ class Steps:
         def prefill(params, cache: Cache, rows, tokens, mask, active, sampling: SamplingBatch):
             model = nnx.merge(graphdef, params)
             sub = take_rows(cache, rows)
-            logits, new_sub, _ = model.forward(tokens, attention_mask=mask,
-                                               cache=drop_writes(sub, active))
+            h, new_sub, _ = model.hidden_states(tokens, attention_mask=mask,
+                                                cache=drop_writes(sub, active))
             new = put_rows(cache, rows, keep_rows(active, new_sub, sub))
-            return new, sample_rows(logits[:, -1], sampling)
+            return new, sample_rows(model.logits(h[:, -1:])[:, 0], sampling)
 
         def decode(params, cache: Cache, tokens, running, protect_rows, protect,
                    sampling: SamplingBatch):

@@ -32,7 +32,8 @@ log = logging.getLogger("minimax_jax.training")
 
 # Fields of the model config that describe how to compute, not the architecture: with
 # `init_from`, the architecture comes from the checkpoint and these come from the run's config.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "lightning_impl", "moe_impl", "remat", "router_aux_loss_coef")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "lightning_impl", "softmax_impl", "moe_impl", "remat",
+                  "router_aux_loss_coef")
 
 
 class NonFiniteLoss(RuntimeError):

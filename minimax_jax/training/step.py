@@ -11,6 +11,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from minimax_jax.loss import chunked_cross_entropy
+
+LOSS_BLOCK = 1024  # tokens per block of the chunked cross-entropy
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -41,7 +45,8 @@ def split_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def loss_fn(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], aux_coef: float,
             num_targets: jax.Array, num_micro: int = 1):
-    """This micro-batch's share of the step loss: sum of target NLL / num_targets (the whole
+    """This micro-batch's share of the step loss (the cross-entropy taken LOSS_BLOCK tokens at a
+    time: full-length logits never exist): sum of target NLL / num_targets (the whole
     step's target count) + aux_coef * MoE load-balancing loss / num_micro. Summed over the
     micro-batches of a step it is exactly the full batch's mean loss.
 
@@ -49,10 +54,10 @@ def loss_fn(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], aux_coe
     """
     model = nnx.merge(graphdef, params)
     b = split_batch(batch)
-    logits, _, stats = model.forward(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
-    nll_sum = jnp.sum(nll * b["mask"].astype(jnp.float32))
+    h, _, stats = model.hidden_states(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+    lm_head = model.lm_head[...].astype(h.dtype)
+    nll_sum = chunked_cross_entropy(h, lm_head, b["targets"], b["mask"].astype(jnp.float32),
+                                    block_size=LOSS_BLOCK)
     loss = nll_sum / num_targets + aux_coef * stats["aux_loss"] / num_micro
     return loss, {"nll_sum": nll_sum, "aux_loss": stats["aux_loss"], "expert_load": stats["expert_load"]}
 

@@ -1,0 +1,70 @@
+"""Causal GQA attention through cuDNN's fused flash attention (JAX's cuDNN custom calls).
+
+Packed documents use cuDNN's ragged ("packed") form: each row's segments become (offset, length)
+pairs, at most `max_segments` per row. cuDNN covers self-attention (T == S, no query offset) with
+segment ids that form contiguous runs; `attention_cudnn` checks that on the device and takes the
+blockwise XLA path when a row breaks it (more segments than `max_segments`, or ids that repeat
+after a gap), so it never computes a different mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+from pallas_kernels.device import is_hopper
+
+MAX_SEGMENTS = 64  # default segments per row in cuDNN's packed form
+
+
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, causal_offset: bool) -> bool:
+    """Whether cuDNN runs this call: Hopper, bf16/f16, self-attention (T == S, no query offset),
+    head dim a multiple of 8 up to 256, H a multiple of N."""
+    if causal_offset or not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    kd = q.shape[-1]
+    return (q.shape[1] == k.shape[1] and kd % 8 == 0 and kd <= 256
+            and q.shape[2] % k.shape[2] == 0 and is_hopper())
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Runs of equal ids in segment_ids int `[B, T]` -> cuDNN's packed description.
+
+    Returns (lengths int32 `[B, M]`, offsets int32 `[B, M + 1]`, both -1 past a row's runs, and
+    ok bool `[]`: every row has at most M runs and no id appears in two runs).
+    """
+    b, t = segment_ids.shape
+    start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    count = jnp.sum(start, axis=1, dtype=jnp.int32)
+    idx = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=t)[0])(start)
+    idx = idx.astype(jnp.int32)
+    m = jnp.arange(max_segments + 1, dtype=jnp.int32)[None, :]
+    offsets = jnp.where(m <= count[:, None], idx, -1)
+    lengths = jnp.where(m[:, :-1] < count[:, None], idx[:, 1:] - idx[:, :-1], -1)
+    # ids increasing from run to run: no id appears in two runs
+    increasing = jnp.all(jnp.where(start[:, 1:], segment_ids[:, 1:] > segment_ids[:, :-1], True))
+    ok = jnp.all(count <= max_segments) & increasing
+    return lengths, offsets, ok
+
+
+def attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                    fallback, *, max_segments: int = MAX_SEGMENTS) -> jax.Array:
+    """cuDNN flash attention, causal, q `[B, T, H, K]`, k and v `[B, T, N, K]` (bf16/f16).
+
+    segment_ids int `[B, T]` (the same for queries and keys) or None. `fallback()` computes the
+    same attention another way; it runs when the segment ids do not fit the packed form (see
+    `packed_segments`). Returns `[B, T, H, K]` in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    if segment_ids is None:
+        return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
+    lengths, offsets, ok = packed_segments(segment_ids, max_segments)
+
+    def packed(_):
+        return cudnn.dot_product_attention(
+            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+            scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
+    return lax.cond(ok, packed, lambda _: fallback(), None)

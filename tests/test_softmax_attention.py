@@ -1,0 +1,186 @@
+"""The softmax-attention op against a float64 numpy oracle: causal GQA with segment ids, padding,
+query offsets and paged keys, values and gradients; memory linear in T; the dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import paged_softmax_attention, softmax_attention
+from pallas_kernels.softmax_cudnn import packed_segments
+
+# float32 blockwise against float64: each output is a convex combination of values (|v| ~ 1) with
+# weights from float32 exponentials, and each gradient sums at most S terms of that size; sums of
+# S <= 64 float32 terms stay within ~S * 2**-24 * 4 of the float64 result.
+TOL = 2e-5
+
+
+def oracle(q, k, v, q_seg, kv_seg, q_offset):
+    """float64 numpy attention with the op's mask; rows that see nothing give 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, h, d = q.shape
+    s, n = k.shape[1], k.shape[2]
+    vis = np.arange(s)[None, None, :] <= np.arange(t)[None, :, None] + np.asarray(q_offset)[:, None, None]
+    if q_seg is not None:
+        vis &= np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :]
+    kh = np.repeat(k, h // n, axis=2)
+    vh = np.repeat(v, h // n, axis=2)
+    sc = np.einsum("bthd,bshd->bhts", q, kh) / np.sqrt(d)
+    sc = np.where(vis[:, None], sc, -np.inf)
+    m = np.max(sc, axis=-1, keepdims=True)
+    p = np.where(vis[:, None], np.exp(sc - np.where(np.isfinite(m), m, 0)), 0)
+    den = p.sum(-1, keepdims=True)
+    p = p / np.where(den > 0, den, 1)
+    return np.einsum("bhts,bshd->bthd", p, vh)
+
+
+def oracle_grads(q, k, v, q_seg, kv_seg, q_offset, do):
+    """float64 gradients (dq, dk, dv) of sum(o * do), from the softmax backward formulas."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    b, t, h, d = q.shape
+    s, n = k.shape[1], k.shape[2]
+    g = h // n
+    vis = np.arange(s)[None, None, :] <= np.arange(t)[None, :, None] + np.asarray(q_offset)[:, None, None]
+    if q_seg is not None:
+        vis &= np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :]
+    kh, vh = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    sc = np.where(vis[:, None], np.einsum("bthd,bshd->bhts", q, kh) / np.sqrt(d), -np.inf)
+    m = np.max(sc, axis=-1, keepdims=True)
+    p = np.where(vis[:, None], np.exp(sc - np.where(np.isfinite(m), m, 0)), 0)
+    den = p.sum(-1, keepdims=True)
+    p = p / np.where(den > 0, den, 1)
+    dp = np.einsum("bthd,bshd->bhts", do, vh)
+    ds = p * (dp - np.sum(p * dp, -1, keepdims=True))
+    dq = np.einsum("bhts,bshd->bthd", ds, kh) / np.sqrt(d)
+    dkh = np.einsum("bhts,bthd->bshd", ds, q) / np.sqrt(d)
+    dvh = np.einsum("bhts,bthd->bshd", p, do)
+    fold = lambda x: x.reshape(b, s, n, g, d).sum(3)
+    return dq, fold(dkh), fold(dvh)
+
+
+def _inputs(rng, b, t, s, h, n, d):
+    return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                 for shape in ((b, t, h, d), (b, s, n, d), (b, s, n, d), (b, t, h, d)))
+
+
+CASES = {
+    "causal": lambda t: (None, None),
+    "packed": lambda t: ((np.arange(t)[None] * 5 // t + np.array([[0], [3]])).astype(np.int32),) * 2,
+    # left padding (keys no query sees) and a document that starts mid-row
+    "padded": lambda t: (np.where(np.arange(t)[None] < t // 3, 0, 1).repeat(2, 0).astype(np.int32),
+                         np.where(np.arange(t)[None] < [[4], [0]], -1,
+                                  np.where(np.arange(t)[None] < t // 3, 0, 1)).astype(np.int32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_values_and_gradients_match_float64(rng, case, impl):
+    b, t, h, n, d = 2, 45, 4, 2, 8  # T not a multiple of the blocks; two query heads per kv head
+    q, k, v, do = _inputs(rng, b, t, t, h, n, d)
+    q_seg, kv_seg = CASES[case](t)
+    seg = {} if q_seg is None else dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+
+    def loss(q, k, v):
+        o = softmax_attention(q, k, v, **seg, impl=impl, block_q=16, block_k=8)
+        return jnp.sum(o * do), o
+
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    off = np.zeros(b, np.int32)
+    np.testing.assert_allclose(o, oracle(q, k, v, q_seg, kv_seg, off), rtol=TOL, atol=TOL)
+    for got, want in zip(grads, oracle_grads(q, k, v, q_seg, kv_seg, off, do)):
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def test_query_offset_and_rows_that_see_nothing(rng):
+    b, t, s, h, n, d = 2, 13, 40, 4, 4, 8
+    q, k, v, do = _inputs(rng, b, t, s, h, n, d)
+    off = jnp.asarray([27, 3], jnp.int32)  # row 0: the chunk ends at the last key; row 1: early
+    q_seg = np.zeros((b, t), np.int32)
+    kv_seg = np.zeros((b, s), np.int32)
+    kv_seg[1, :5] = -1  # row 1: its first queries see no key at all
+    seg = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    f = lambda q, k, v: softmax_attention(q, k, v, **seg, q_offset=off, impl="xla", block_q=4, block_k=8)
+    o, vjp = jax.vjp(f, q, k, v)
+    want = oracle(q, k, v, q_seg, kv_seg, np.asarray(off))
+    assert np.all(np.asarray(o)[1, :2] == 0)
+    np.testing.assert_allclose(o, want, rtol=TOL, atol=TOL)
+    for got, ref in zip(vjp(do), oracle_grads(q, k, v, q_seg, kv_seg, np.asarray(off), do)):
+        np.testing.assert_allclose(got, ref, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("block_k", [4, 12, 2048])  # one page a block; 3 pages; all at once
+def test_paged_equals_contiguous_with_stale_pages(rng, block_k):
+    b, t, h, n, d, z, r = 3, 6, 4, 2, 8, 4, 7
+    s = r * z
+    q, k, v, _ = _inputs(rng, b, t, s, h, n, d)
+    table = rng.permutation(b * r + 5)[:b * r].reshape(b, r).astype(np.int32)
+    pools = []
+    for x in (k, v):  # spare pages full of NaN: stale data that must never reach an output
+        pool = np.full((b * r + 5, z, n, d), np.nan, np.float32)
+        pool[table.reshape(-1)] = np.asarray(x).reshape(b * r, z, n, d)
+        pools.append(jnp.asarray(pool))
+    lengths = np.array([s - z - 1, 9, 3])  # slots in use per row; the rest hold NaN
+    kv_seg = np.where(np.arange(s)[None] < lengths[:, None], 0, -1).astype(np.int32)
+    stale = np.where(np.arange(s)[None, :, None, None] < lengths[:, None, None, None], 1.0, np.nan)
+    for i, x in enumerate((k, v)):
+        pool = np.asarray(pools[i]).copy()
+        pool[table.reshape(-1)] = (np.asarray(x) * stale).reshape(b * r, z, n, d)
+        pools[i] = jnp.asarray(pool)
+    off = jnp.asarray(lengths - t, jnp.int32)
+    q_seg = jnp.zeros((b, t), jnp.int32)
+    got = jax.jit(paged_softmax_attention, static_argnames=("impl", "block_q", "block_k"))(
+        q, *pools, jnp.asarray(table), q_segment_ids=q_seg, kv_segment_ids=jnp.asarray(kv_seg),
+        q_offset=off, impl="xla", block_q=4, block_k=block_k)
+    want = oracle(q, np.nan_to_num(k * stale), np.nan_to_num(v * stale), np.asarray(q_seg), kv_seg,
+                  np.asarray(off))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+def test_memory_is_linear_in_sequence_length():
+    b, t, h, n, d = 1, 32768, 4, 2, 16
+    shape = lambda hh: jax.ShapeDtypeStruct((b, t, hh, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="xla"))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape(h), shape(n), shape(n), seg).compile()
+    temp = grad.memory_analysis().temp_size_in_bytes
+    io = 4 * b * t * d * (2 * h + 2 * n) * 4  # q, o, do, dq and k, v, dk, dv in float32
+    assert temp < 2 * io + (64 << 20), (temp, io)  # one score matrix alone: t * t * 4 = 4 GiB
+
+
+def test_packed_segments_describe_runs():
+    seg = jnp.asarray([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5], [0, 1, 0, 0, 2, 2]], jnp.int32)
+    lengths, offsets, ok = packed_segments(seg[:2], 3)
+    np.testing.assert_array_equal(lengths, [[2, 3, 1], [6, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, 6], [0, 6, -1, -1]])
+    assert bool(ok)
+    assert not bool(packed_segments(seg[:1], 2)[2])  # three runs, room for two
+    assert not bool(packed_segments(seg[2:], 8)[2])  # id 0 in two runs: not a packed layout
+
+
+def test_cudnn_request_off_hopper_falls_back(rng):
+    q, k, v, _ = _inputs(rng, 1, 20, 20, 4, 2, 8)
+    seg = jnp.asarray((np.arange(20) >= 7)[None].astype(np.int32))
+    args = dict(q_segment_ids=seg, kv_segment_ids=seg)
+    np.testing.assert_array_equal(softmax_attention(q, k, v, **args, impl="cudnn"),
+                                  softmax_attention(q, k, v, **args, impl="xla"))
+
+
+def test_bad_inputs_name_what_is_wrong(rng):
+    q, k, v, _ = _inputs(rng, 1, 8, 8, 4, 3, 8)
+    with pytest.raises(ValueError, match="number of heads"):
+        softmax_attention(q, k, v)
+    q, k, v, _ = _inputs(rng, 1, 8, 8, 4, 2, 8)
+    with pytest.raises(ValueError, match="both"):
+        softmax_attention(q, k, v, q_segment_ids=jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        softmax_attention(q, k, v, q_segment_ids=jnp.zeros((1, 8), jnp.int32),
+                          kv_segment_ids=jnp.zeros((1, 9), jnp.int32))
+    with pytest.raises(ValueError, match="unknown impl"):
+        softmax_attention(q, k, v, impl="flash")
