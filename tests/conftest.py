@@ -1,6 +1,8 @@
-"""Shared test helpers: tiny configs and fresh random seeds."""
+"""Shared test helpers: tiny configs and per-test fixed random seeds."""
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pytest
@@ -26,9 +28,15 @@ def tiny_config(**overrides) -> MiniMaxConfig:
     return MiniMaxConfig(**values)
 
 
+def node_seed(request: pytest.FixtureRequest) -> int:
+    """A seed fixed by the requesting node's id (test, or module for a module-scoped fixture):
+    the same every run, different between tests."""
+    return zlib.crc32(request.node.nodeid.encode()) % (2**31)
+
+
 @pytest.fixture
-def rng() -> np.random.Generator:
-    """A fresh generator per test; its seed is printed so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % (2**31))
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the test's node id, its seed printed so a failure can be replayed."""
+    seed = node_seed(request)
     print(f"numpy seed: {seed}")
     return np.random.default_rng(seed)

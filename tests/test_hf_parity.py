@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import FULL, LIN
+from conftest import FULL, LIN, node_seed
 from minimax_jax import load_model
 from minimax_jax.generate import generate
 
@@ -22,8 +22,8 @@ BLOCK = 16
 
 
 @pytest.fixture(scope="module")
-def hf_model_dir(tmp_path_factory):
-    seed = int(np.random.SeedSequence().entropy % (2**31))
+def hf_model_dir(request, tmp_path_factory):
+    seed = node_seed(request)
     print(f"torch seed: {seed}")
     torch.manual_seed(seed)
     config = transformers.MiniMaxConfig(
@@ -48,11 +48,20 @@ def hf_model_dir(tmp_path_factory):
     return path, model
 
 
-def test_logits_match_hf_fp32(hf_model_dir):
+@pytest.fixture
+def torch_gen(request) -> torch.Generator:
+    """A torch generator seeded from the test's node id (printed)."""
+    seed = node_seed(request)
+    print(f"torch generator seed: {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def test_logits_match_hf_fp32(hf_model_dir, torch_gen):
     path, hf = hf_model_dir
     model = load_model(path, dtype="float32")
     assert model.config.rotary_dim == model.config.head_dim
-    ids = torch.randint(0, 128, (2, 301))  # 301 = 18 full lightning blocks of 16 + 13
+    # 301 = 18 full lightning blocks of 16 + 13
+    ids = torch.randint(0, 128, (2, 301), generator=torch_gen)
     with torch.no_grad():
         want = hf(ids).logits.float().numpy()
     got = np.asarray(model(jnp.asarray(ids.numpy(), jnp.int32)))
@@ -62,10 +71,10 @@ def test_logits_match_hf_fp32(hf_model_dir):
     assert diff <= 1e-4
 
 
-def test_greedy_generation_matches_hf(hf_model_dir):
+def test_greedy_generation_matches_hf(hf_model_dir, torch_gen):
     path, hf = hf_model_dir
     model = load_model(path, dtype="float32")
-    prompt = torch.randint(0, 128, (2, 37))
+    prompt = torch.randint(0, 128, (2, 37), generator=torch_gen)
     with torch.no_grad():
         # an explicit all-ones mask: without it HF would take prompt tokens equal to pad_token_id
         # for padding

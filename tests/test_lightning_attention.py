@@ -13,13 +13,6 @@ LAYER0_SLOPES = np.array([0.9170132, 0.8409048, 0.0625006, 0.0039063])  # spec Â
 DEEP_SLOPES = np.array([1.161693e-02, 1.0e-4, 7.917721e-04, 4.948575e-05])  # layer 78 and deeper
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.default_rng().integers(2**31))
-    print(f"random seed: {seed}")  # pytest shows captured output of a failing test
-    return np.random.default_rng(seed)
-
-
 def oracle(q, k, v, slopes, initial_state=None, segment_ids=None):
     """float64 token recurrence in numpy: S_t = exp(-s) S_{t-1} + k_t^T v_t, o_t = q_t S_t."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))

@@ -13,13 +13,6 @@ from pallas_kernels import lightning_attention, lightning_gpu
 SLOPES = np.array([0.9170132, 0.0625006, 0.01161693, 4.948575e-05])
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.default_rng().integers(2**31))
-    print(f"random seed: {seed}")
-    return np.random.default_rng(seed)
-
-
 def rel_err(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape and np.all(np.isfinite(actual))

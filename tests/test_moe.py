@@ -13,6 +13,8 @@ from minimax_jax import moe
 from minimax_jax.moe import SparseMoE, gather_rows, route
 from pallas_kernels.grouped_matmul import grouped_matmul_pallas
 
+EPS32 = float(np.finfo(np.float32).eps)
+
 
 def rel_err(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
@@ -100,10 +102,14 @@ def test_layer_through_kernels_interpret(rng, monkeypatch):
         return jnp.vdot(nnx.merge(graphdef, state)(x)[0], dy)
 
     want = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
+    terms = float(jnp.sum(jnp.abs(nnx.merge(graphdef, state)(x)[0] * dy)))
     monkeypatch.setattr(moe, "grouped_matmul", lambda x, w, sizes, impl: grouped_matmul_pallas(
         x, tuple(w) if isinstance(w, tuple) else (w,), sizes, interpret=True))
     got = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
-    assert rel_err(got[0], want[0]) < 1e-5
-    assert rel_err(got[1][1], want[1][1]) < 1e-5
+    # 4 chained float32 matmuls, each summing <= n = 128 terms in another order: ~sqrt(n)*eps each
+    tol = 4 * np.sqrt(max(cfg.hidden_size, cfg.intermediate_size)) * EPS32
+    # the loss sums N*D products out*dy of either sign: bounded relative to sum |out*dy|, not |loss|
+    assert abs(float(got[0]) - float(want[0])) < tol * terms
+    assert rel_err(got[1][1], want[1][1]) < tol
     for name in ("gate", "w1", "w3", "w2"):
-        assert rel_err(got[1][0][name][...], want[1][0][name][...]) < 1e-5, name
+        assert rel_err(got[1][0][name][...], want[1][0][name][...]) < tol, name

@@ -13,7 +13,7 @@ from minimax_jax.sampling import filtered_logits
 def test_top_p_and_top_k_keep_the_right_support():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
-    key = jax.random.key(int(np.random.SeedSequence().entropy % (2**31)))
+    key = jax.random.key(0)  # fixed: 4,000 draws put the share of token 0 within 0.05 of 0.625 at 6 sigma
     counts = np.bincount(np.asarray(sample_logits(logits, key, temperature=1.0, top_p=0.7, top_k=0)), minlength=4)
     assert counts[2] == counts[3] == 0  # mass before token 2 is 0.8 >= 0.7
     assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.05
