@@ -11,7 +11,7 @@ from flax import nnx
 import pallas_kernels
 from minimax_jax.cache import PagedKV, write_pages
 from minimax_jax.config import MiniMaxConfig
-from minimax_jax.layout import TokenLayout
+from minimax_jax.layout import PADDING, TokenLayout
 from minimax_jax.params import param
 from minimax_jax.rope import apply_rope
 
@@ -37,7 +37,8 @@ class SoftmaxAttention(nnx.Module):
 
         Without a cache the keys are this chunk's own. With kv, row b's keys and values are
         written at its slots cache_length[b] .. + T - 1 (see `write_pages`) and the queries attend
-        to all of the row's slots, masked by the layout.
+        to all of the row's slots, masked by the layout; when every row starts empty (a first
+        prefill chunk) its keys are exactly the chunk's own, and the op runs as self-attention.
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
@@ -52,8 +53,15 @@ class SoftmaxAttention(nnx.Module):
             kv = dataclasses.replace(
                 kv, key=write_pages(kv.key, kv.page_table, k, layout.cache_length),
                 value=write_pages(kv.value, kv.page_table, v, layout.cache_length))
-            o = pallas_kernels.paged_softmax_attention(
-                q, kv.key, kv.value, kv.page_table, **segments, q_offset=layout.cache_length,
-                impl=self.impl)
+            own = {}
+            if layout.valid is not None:
+                own = dict(q_segment_ids=jnp.zeros_like(layout.positions),
+                           kv_segment_ids=jnp.where(layout.valid, 0, PADDING))
+            o = jax.lax.cond(
+                jnp.all(layout.cache_length == 0),
+                lambda: pallas_kernels.softmax_attention(q, k, v, **own, impl=self.impl),
+                lambda: pallas_kernels.paged_softmax_attention(
+                    q, kv.key, kv.value, kv.page_table, **segments, q_offset=layout.cache_length,
+                    impl=self.impl))
         out = jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
         return out, kv

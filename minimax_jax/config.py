@@ -38,8 +38,8 @@ class MiniMaxConfig:
     `dtype` is the activation (compute) dtype, `param_dtype` the dtype parameters are stored in.
     `lightning_impl`, `softmax_impl` and `moe_impl` pick the ops' implementations
     (`pallas_kernels.lightning_attention`, `pallas_kernels.softmax_attention`,
-    `pallas_kernels.grouped_matmul`). `remat` recomputes each scanned block's activations in the
-    backward pass instead of storing them. `block_size` is the checkpoints' `block_size` field (the
+    `pallas_kernels.grouped_matmul`). `remat` recomputes each layer's activations in the backward
+    pass instead of storing them (only the layers' inputs are kept). `block_size` is the checkpoints' `block_size` field (the
     remote code's lightning chunk length), kept for the HF round trip; results do not depend on it,
     and the lightning op always works in `pallas_kernels.LIGHTNING_CHUNK`-token blocks.
     """

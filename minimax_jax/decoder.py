@@ -56,13 +56,18 @@ class DecoderBlock(nnx.Module):
     """The repeating block of layer types (`cfg.block_pattern`), scanned `cfg.num_blocks` times."""
 
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
+        self.remat = cfg.remat
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
 
     def __call__(self, h: jax.Array, layout: TokenLayout, cache: BlockCache | None, *,
                  slopes: jax.Array) -> tuple[jax.Array, BlockCache | None, dict[str, jax.Array]]:
         """Run the block's layers in order: h `[B, T, D]`, slopes float32 `[P, H]` (one row per
-        layer of the block). Returns (h, the updated block cache or None, router stats stacked
+        layer of the block). With remat, each layer keeps only its input for the backward pass and
+        recomputes the rest. Returns (h, the updated block cache or None, router stats stacked
         over the P layers)."""
+        call = lambda layer, h, layout, view, slopes: layer(h, layout, view, slopes=slopes)
+        if self.remat:
+            call = nnx.remat(call, prevent_cse=False)
         states, keys, values, stats = [], [], [], []
         for i, layer in enumerate(self.layers):
             if layer.layer_type == LINEAR:
@@ -70,7 +75,7 @@ class DecoderBlock(nnx.Module):
             else:
                 view = None if cache is None else PagedKV(
                     cache.key[len(keys)], cache.value[len(keys)], cache.page_table)
-            h, view, layer_stats = layer(h, layout, view, slopes=slopes[i])
+            h, view, layer_stats = call(layer, h, layout, view, slopes[i])
             stats.append(layer_stats)
             if layer.layer_type == LINEAR:
                 states.append(view)

@@ -113,8 +113,6 @@ class MiniMaxForCausalLM(nnx.Module):
                 return h, (None, None, None, stats)
             return h, (block_cache.lightning_state, block_cache.key, block_cache.value, stats)
 
-        if cfg.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
         xs = (block_params, slopes, *(
             (None, None, None) if cache is None else (cache.lightning_state, cache.key, cache.value)
         ))

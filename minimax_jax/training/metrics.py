@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from minimax_jax.config import FULL, MiniMaxConfig
+from pallas_kernels import LIGHTNING_CHUNK
 
 # Dense bf16 peak FLOP/s by device kind (substring match, first hit wins).
 PEAK_BF16_FLOPS = (
@@ -25,8 +26,8 @@ def train_flops_per_token(cfg: MiniMaxConfig, seq_len: int) -> float:
 
     Forward: 2 FLOPs per active matmul weight (attention projections, router, top-k experts,
     lm_head), plus softmax attention 2 * 2 * H * K * seq_len / 2 (causal) per softmax layer and
-    lightning attention 2 * H * K * (block + 2 K) per lightning layer (intra-block products and
-    the state read and update).
+    lightning attention 2 * H * K * (C + 2 K) per lightning layer, C = the op's block length
+    `pallas_kernels.LIGHTNING_CHUNK` (intra-block products and the state read and update).
     """
     d, h, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     moe = cfg.num_experts_per_tok * 3 * d * cfg.intermediate_size + d * cfg.num_local_experts
@@ -37,7 +38,7 @@ def train_flops_per_token(cfg: MiniMaxConfig, seq_len: int) -> float:
             attn = 2.0 * h * k * seq_len
         else:
             proj = 5 * d * h * k
-            attn = 2.0 * h * k * (min(cfg.block_size, seq_len) + 2 * k)
+            attn = 2.0 * h * k * (min(LIGHTNING_CHUNK, seq_len) + 2 * k)
         total += 2.0 * (proj + moe) + attn
     return 3.0 * total
 
