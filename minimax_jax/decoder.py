@@ -23,6 +23,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MiniMaxConfig, layer_type: str, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.layer_type = layer_type
+        self.remat = cfg.remat
         self.alpha, self.beta = cfg.residual_factors(layer_type)
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha_factor, cfg.mlp_beta_factor
         self.input_layernorm = RMSNorm((cfg.hidden_size,), ("embed",), eps=cfg.rms_norm_eps, param_dtype=pd)
@@ -39,35 +40,44 @@ class DecoderLayer(nnx.Module):
 
         view: a lightning layer's state float32 `[B, H, K, K]` (None: zeros; the new state is
         returned either way), a softmax layer's `PagedKV` or None (no cache). slopes float32 `[H]`
-        (lightning layers only).
+        (lightning layers only). With remat, the attention and the MoE sublayer each keep only
+        their input for the backward pass and recompute the rest.
         """
+        attention, moe = DecoderLayer.attention_sublayer, DecoderLayer.moe_sublayer
+        if self.remat:
+            attention, moe = nnx.remat(attention), nnx.remat(moe)
+        h, view = attention(self, h, layout, view, slopes)
+        h, stats = moe(self, h, layout.valid)
+        return h, view, stats
+
+    def attention_sublayer(self, h: jax.Array, layout: TokenLayout, view: CacheView,
+                           slopes: jax.Array) -> tuple[jax.Array, CacheView]:
+        """h `[B, T, D]` -> (a * x^ + b * attn(x^) `[B, T, D]`, the updated cache view)."""
         xn = self.input_layernorm(h)
         if self.layer_type == LINEAR:
             a, view = self.self_attn(xn, layout, view, slopes=slopes)
         else:
             a, view = self.self_attn(xn, layout, view)
-        h = self.alpha * xn + self.beta * a
+        return self.alpha * xn + self.beta * a, view
+
+    def moe_sublayer(self, h: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """h `[B, T, D]`, valid bool `[B, T]` or None -> (a' * z^ + b' * moe(z^), router stats)."""
         zn = self.post_attention_layernorm(h)
-        f, stats = self.block_sparse_moe(zn, layout.valid)
-        return self.mlp_alpha * zn + self.mlp_beta * f, view, stats
+        f, stats = self.block_sparse_moe(zn, valid)
+        return self.mlp_alpha * zn + self.mlp_beta * f, stats
 
 
 class DecoderBlock(nnx.Module):
     """The repeating block of layer types (`cfg.block_pattern`), scanned `cfg.num_blocks` times."""
 
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
-        self.remat = cfg.remat
         self.layers = nnx.List([DecoderLayer(cfg, t, rngs=rngs) for t in cfg.block_pattern])
 
     def __call__(self, h: jax.Array, layout: TokenLayout, cache: BlockCache | None, *,
                  slopes: jax.Array) -> tuple[jax.Array, BlockCache | None, dict[str, jax.Array]]:
         """Run the block's layers in order: h `[B, T, D]`, slopes float32 `[P, H]` (one row per
-        layer of the block). With remat, each layer keeps only its input for the backward pass and
-        recomputes the rest. Returns (h, the updated block cache or None, router stats stacked
+        layer of the block). Returns (h, the updated block cache or None, router stats stacked
         over the P layers)."""
-        call = lambda layer, h, layout, view, slopes: layer(h, layout, view, slopes=slopes)
-        if self.remat:
-            call = nnx.remat(call, prevent_cse=False)
         states, keys, values, stats = [], [], [], []
         for i, layer in enumerate(self.layers):
             if layer.layer_type == LINEAR:
@@ -75,7 +85,7 @@ class DecoderBlock(nnx.Module):
             else:
                 view = None if cache is None else PagedKV(
                     cache.key[len(keys)], cache.value[len(keys)], cache.page_table)
-            h, view, layer_stats = call(layer, h, layout, view, slopes[i])
+            h, view, layer_stats = layer(h, layout, view, slopes=slopes[i])
             stats.append(layer_stats)
             if layer.layer_type == LINEAR:
                 states.append(view)

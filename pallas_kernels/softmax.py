@@ -6,8 +6,9 @@ ids are given, ``q_segment_ids[b, i] == kv_segment_ids[b, j]``. Padding is a seg
 query carries. Scores are scaled by 1/sqrt(K) and the softmax statistics are float32. A query that
 sees no key gets 0.
 
-Implementations (``SOFTMAX_IMPLS``): "cudnn" (cuDNN flash attention, Hopper, self-attention with
-packed segments), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
+Implementations (``SOFTMAX_IMPLS``): "cudnn" (cuDNN flash attention, Hopper, self-attention; with
+segment ids through cuDNN's packed form where its backward workspace fits, see
+``softmax_cudnn.packed_segment_limit``), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
 backward, any backend), "reference" (all scores at once; the oracle) and "auto" (cuDNN where it
 supports the call, else "xla"). A call an implementation does not support falls back to "xla".
 """
@@ -70,8 +71,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return softmax_attention_reference(q, k, v, q_segment_ids, kv_segment_ids, offset)
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
-            return softmax_cudnn.attention_cudnn(q, k, v, None, xla)
-        cudnn = lambda: softmax_cudnn.attention_cudnn(q, k, v, q_segment_ids, xla)
+            return softmax_cudnn.attention_cudnn(q, k, v, None, xla, max_segments=0)
+        limit = softmax_cudnn.packed_segment_limit(q)
+        if limit == 0:
+            return xla()
+        cudnn = lambda: softmax_cudnn.attention_cudnn(q, k, v, q_segment_ids, xla, max_segments=limit)
         if q_segment_ids is kv_segment_ids:
             return cudnn()
         return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids), cudnn, xla)

@@ -17,6 +17,18 @@ from jax._src.cudnn import fused_attention_stablehlo as cudnn
 from pallas_kernels.device import is_hopper
 
 MAX_SEGMENTS = 64  # default segments per row in cuDNN's packed form
+# cuDNN's packed backward allocates about (2 M + 1) * B * T * H * K float32 of workspace (measured
+# on an H200: 258 GiB at M 64, T 65,536, H 64, K 128); calls over this bound take the XLA path.
+PACKED_WORKSPACE_BYTES = 16 << 30
+
+
+def packed_segment_limit(q: jax.Array) -> int:
+    """The segments of cuDNN's packed form for q `[B, T, H, K]`: MAX_SEGMENTS per row, or fewer
+    so that the backward workspace stays within PACKED_WORKSPACE_BYTES; 0 when even one does not
+    fit."""
+    b, t, h, k = q.shape
+    fit = (PACKED_WORKSPACE_BYTES // (b * t * h * k * 4) - 1) // 2
+    return int(max(0, min(MAX_SEGMENTS * b, fit)))
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, causal_offset: bool) -> bool:
@@ -50,21 +62,28 @@ def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Arra
 
 
 def attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    fallback, *, max_segments: int = MAX_SEGMENTS) -> jax.Array:
+                    fallback, *, max_segments: int) -> jax.Array:
     """cuDNN flash attention, causal, q `[B, T, H, K]`, k and v `[B, T, N, K]` (bf16/f16).
 
-    segment_ids int `[B, T]` (the same for queries and keys) or None. `fallback()` computes the
-    same attention another way; it runs when the segment ids do not fit the packed form (see
-    `packed_segments`). Returns `[B, T, H, K]` in q's dtype.
+    segment_ids int `[B, T]` (the same for queries and keys) or None; max_segments: the packed
+    form's segments over all B rows together (see `packed_segment_limit`). `fallback()` computes the same attention
+    another way; it runs when the segment ids do not fit the packed form (see `packed_segments`). Returns `[B, T, H, K]` in q's dtype.
     """
     scale = q.shape[-1] ** -0.5
     if segment_ids is None:
         return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
-    lengths, offsets, ok = packed_segments(segment_ids, max_segments)
+    # the rows as one packed row: segments never cross rows, and one row is the form checked on
+    # the GPU (several rows gave wrong results)
+    b, t = segment_ids.shape
+    flat = lambda x: x.reshape(1, b * t, *x.shape[2:])
+    row_ids = segment_ids + (jnp.arange(b, dtype=segment_ids.dtype) * (jnp.max(segment_ids) + 1))[:, None]
+    lengths, offsets, ok = packed_segments(flat(row_ids), max_segments)
+    ok &= jnp.all(segment_ids >= 0)
 
     def packed(_):
-        return cudnn.dot_product_attention(
-            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-            scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+        o = cudnn.dot_product_attention(
+            flat(q), flat(k), flat(v), q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+            kv_offsets=offsets, scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+        return o.reshape(q.shape)
 
     return lax.cond(ok, packed, lambda _: fallback(), None)

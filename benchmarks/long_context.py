@@ -1,0 +1,259 @@
+"""Long context on one GPU: full training steps of configs/small.yaml at long seq_len, and one long
+prompt through the serving engine.
+
+    python3 benchmarks/long_context.py --out $OUT --train 2048x16,32768,131072,524288,1048576 --budget 500
+    python3 benchmarks/long_context.py --out $OUT --prefill 1048576,4194304 --budget 500
+
+--train: for each seq_len (batch 1 unless SEQxBATCH, remat from 32,768 tokens, bf16 compute,
+    float32 master weights, AdamW), in a
+    process of its own (so each peak memory is its own and an out-of-memory error ends only that
+    row): one compiled `train_step` on packed rows of documents (mean length seq_len / 8), timed
+    over a few steps (median); tokens/s, MFU, peak device memory; then the step split by layer
+    kind, from the ops timed alone at the step's shapes: lightning attention, softmax attention
+    and the MoE layer (each counted as forward + forward-and-backward, what remat runs), the rest
+    being everything else (projections, norms, loss, optimizer).
+--prefill: for each prompt length, the width-reduced config of benchmarks/serve.py's long-prompt
+    run (hidden 512, 4 heads, 1 KV head, 16 layers) through the engine in one prefill chunk, then
+    16 greedy decoded tokens: prefill seconds (to the first token), ms per decoded token after it,
+    peak memory.
+Results: one JSON line per row on stdout, all rows in --out/long_context.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PREFILL_OVERRIDES = ["hidden_size=512", "num_attention_heads=4", "num_key_value_heads=1",
+                     "intermediate_size=512", "max_position_embeddings=4200000"]
+
+
+def _median_time(fn, n: int) -> float:
+    """Median seconds of n calls of fn (which blocks until its result is ready)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def packed_batch(seq_len: int, vocab: int, batch: int, docs: int = 8) -> dict[str, np.ndarray]:
+    """Packed rows `[batch, seq_len + 1]`: random tokens in documents of random length (mean
+    seq_len / docs; docs 1: one document per row), segment ids counting documents, positions
+    restarting at each."""
+    rows = [packed_row(seq_len, vocab, seed, docs) for seed in range(batch)]
+    return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+
+
+def packed_row(seq_len: int, vocab: int, seed: int, docs: int) -> dict[str, np.ndarray]:
+    """One row of `packed_batch`."""
+    rng = np.random.default_rng(seed)
+    n = seq_len + 1
+    mean = seq_len // docs
+    lengths = rng.integers(mean // 2, mean * 3 // 2, size=64) if docs > 1 else np.array([n])
+    seg = np.repeat(np.arange(1, 65), lengths)[:n]
+    seg = np.concatenate([seg, np.full(n - len(seg), seg[-1] + 1)]).astype(np.int32)
+    starts = np.r_[0, np.flatnonzero(np.diff(seg)) + 1]
+    pos = np.arange(n) - starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    tokens = rng.integers(0, vocab, n).astype(np.int32)
+    return {"tokens": tokens[None], "segment_ids": seg[None], "positions": pos[None].astype(np.int32)}
+
+
+def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
+    """Time one training step of batch_size rows of seq_len (see the module docstring; remat from
+    seq_len 32,768 on); runs in its own process."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import pallas_kernels
+    from minimax_jax import MiniMaxForCausalLM
+    from minimax_jax.moe import SparseMoE
+    from minimax_jax.training.config import load_train_config
+    from minimax_jax.training.metrics import peak_flops, train_flops_per_token
+    from minimax_jax.training.optimizer import make_optimizer
+    from minimax_jax.training.step import TrainState, train_step
+
+    remat = "true" if seq_len >= 32768 else "false"
+    tcfg, mcfg = load_train_config("configs/small.yaml", [f"seq_len={seq_len}", f"batch_size={batch_size}",
+                                                          f"model.remat={remat}"])
+    model = MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(tcfg)
+    state = TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
+                       step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
+    batch = jax.device_put(packed_batch(seq_len, mcfg.vocab_size, batch_size, docs))
+    step = lambda s: train_step(s, batch, graphdef=graphdef, optimizer=optimizer, grad_accum=1,
+                                aux_coef=mcfg.router_aux_loss_coef)
+    print(f"seq_len {seq_len}: compiling the training step", flush=True)
+    t0 = time.perf_counter()
+    state, metrics = step(state)
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    peak_gib = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    flops, peak = train_flops_per_token(mcfg, seq_len), peak_flops()
+    tokens = seq_len * batch_size
+    row = {"seq_len": seq_len, "batch": batch_size, "docs_per_row": docs, "remat": remat == "true", "step_s": step_s,
+           "tokens_per_s": tokens / step_s,
+           "mfu": None if peak is None else flops * tokens / step_s / peak, "peak_gib": peak_gib,
+           "compile_s": compile_s, "loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
+    print(f"seq_len {seq_len}: step {step_s:.3f} s, peak {peak_gib:.1f} GiB; timing the ops alone", flush=True)
+    del state
+
+    h, n, k, d = mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim, mcfg.hidden_size
+    keys = jax.random.split(jax.random.key(1), 4)
+    bf = jnp.bfloat16
+    seg = jnp.asarray(batch["segment_ids"][:, :-1])
+    q = jax.random.normal(keys[0], (batch_size, seq_len, h, k), bf)
+    kk = jax.random.normal(keys[1], (batch_size, seq_len, n, k), bf)
+    vv = jax.random.normal(keys[2], (batch_size, seq_len, n, k), bf)
+    slopes = jnp.asarray(mcfg.slopes()[0], jnp.float32)
+
+    def op_times(f, *args) -> tuple[float, float]:
+        fwd = jax.jit(f)
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=tuple(range(len(args)))))
+        jax.block_until_ready(fwd(*args))
+        jax.block_until_ready(grad(*args))
+        return (_median_time(lambda: jax.block_until_ready(fwd(*args)), 3),
+                _median_time(lambda: jax.block_until_ready(grad(*args)), 3))
+
+    lin = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, slopes, segment_ids=seg)[0]
+    lin_in = [jax.nn.silu(jax.random.normal(key, (batch_size, seq_len, h, k), bf)) for key in keys[:3]]
+    lin_f, lin_fb = op_times(lin, *lin_in)
+    sm = lambda q, k, v: pallas_kernels.softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
+    sm_f, sm_fb = op_times(sm, q, kk, vv)
+    moe_layer = SparseMoE(mcfg, rngs=nnx.Rngs(2))
+    moe_def, moe_params = nnx.split(moe_layer)
+    x = jax.random.normal(keys[3], (batch_size, seq_len, d), bf)
+    moe = lambda x, p: nnx.merge(moe_def, p)(x)[0]
+    moe_f, moe_fb = op_times(moe, x, moe_params)
+    n_lin = sum(t == "linear_attention" for t in mcfg.layer_types)
+    n_full = mcfg.num_hidden_layers - n_lin
+    split = {"lightning_s": n_lin * (lin_f + lin_fb), "softmax_s": n_full * (sm_f + sm_fb),
+             "moe_s": mcfg.num_hidden_layers * (moe_f + moe_fb)}
+    split["rest_s"] = step_s - sum(split.values())
+    row.update(split)
+    row["lightning_us_per_token"] = 1e6 * split["lightning_s"] / seq_len
+    return row
+
+
+def prefill_row(n_tokens: int, new_tokens: int = 16) -> dict:
+    """One n_tokens prompt through the engine in one chunk, then new_tokens greedy tokens."""
+    import jax
+    from flax import nnx
+
+    from benchmarks.serve import NoEosTokenizer
+    from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
+    from minimax_jax.serving.engine import Engine, SamplingParams
+
+    cfg = MiniMaxConfig.from_yaml("configs/small.yaml", PREFILL_OVERRIDES).replace(param_dtype="bfloat16")
+    model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
+    engine = Engine(model, NoEosTokenizer(), max_batch=1, max_context=n_tokens + new_tokens + 1,
+                    prefill_chunk=n_tokens, prefill_rows=1)
+    engine.start()
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, n_tokens).tolist()
+    try:
+        print(f"prompt {n_tokens}: compiling (one short request)", flush=True)
+        t0 = time.perf_counter()
+        engine.generate(prompt[:16], SamplingParams(max_tokens=2, temperature=0.0), timeout=3600)
+        compile_s = time.perf_counter() - t0
+        print(f"prompt {n_tokens}: prefill, then {new_tokens} tokens", flush=True)
+        stamps: list[float] = []
+        done = threading.Event()
+
+        def collect(out) -> None:
+            stamps.extend([time.perf_counter()] * len(out.token_ids))
+            if out.finish_reason is not None:
+                done.set()
+
+        t0 = time.perf_counter()
+        engine.submit(prompt, SamplingParams(max_tokens=new_tokens + 1, temperature=0.0), collect)
+        done.wait(3600)
+    finally:
+        engine.stop()
+    stats = jax.devices()[0].memory_stats() or {}
+    prefill_s = stamps[0] - t0
+    return {"tokens": n_tokens, "prefill_s": prefill_s, "prefill_tokens_per_s": n_tokens / prefill_s,
+            "decode_ms_per_token": 1e3 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+            "decoded": len(stamps), "compile_s": compile_s,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+            "cache_gib": sum(x.nbytes for x in jax.tree.leaves(engine.steps.cache)) / 2**30}
+
+
+def run_child(kind: str, size: str, out: str, timeout: float, steps: int, docs: int) -> dict:
+    """Run one row in a fresh process; its result, or the error it ended with."""
+    rows_dir = tempfile.mkdtemp()
+    path = os.path.join(rows_dir, f"long_{kind}_{size}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, size, "--out", rows_dir,
+           "--steps", str(steps), "--docs", str(docs)]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"kind": kind, "size": size, "error": f"over {timeout:.0f} s"}
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0 or not os.path.exists(path):
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        return {"kind": kind, "size": size, "error": " | ".join(tail)}
+    with open(path) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=".")
+    p.add_argument("--train", default="", help="comma-separated seq_lens, SEQxBATCH for batch > 1")
+    p.add_argument("--prefill", default="", help="comma-separated prompt lengths")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--docs", type=int, default=8, help="documents per training row (mean)")
+    p.add_argument("--budget", type=float, default=540, help="seconds for all rows")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.child:
+        kind, size = args.child[0], args.child[1]
+        if kind == "train":
+            seq_len, _, batch = size.partition("x")
+            row = train_row(int(seq_len), int(batch or 1), args.steps, args.docs)
+        else:
+            row = prefill_row(int(size))
+        with open(os.path.join(args.out, f"long_{kind}_{size}.json"), "w") as f:
+            json.dump(row, f, indent=1)
+        print(json.dumps(row), flush=True)
+        return
+    import jax
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    deadline = time.time() + args.budget
+    rows = []
+    for kind, sizes in (("train", args.train), ("prefill", args.prefill)):
+        for size in [s for s in sizes.split(",") if s]:
+            left = deadline - time.time()
+            if left < 30:
+                print(f"skipped {kind} {size}: budget spent", flush=True)
+                continue
+            rows.append({"kind": kind, **run_child(kind, size, args.out, left, args.steps, args.docs)})
+            print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(args.out, "long_context.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
