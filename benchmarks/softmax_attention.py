@@ -100,10 +100,10 @@ def ours(impl: str) -> AttnFn:
 
 
 def cudnn_packed(max_segments: int) -> AttnFn:
-    """Our cuDNN packed-segments path with a segment table of `max_segments` per row."""
+    """Our cuDNN packed-segments path with a segment table of `max_segments` entries."""
     def fn(q, k, v, seg):
         fallback = lambda: ours("xla")(q, k, v, seg)  # noqa: E731
-        return softmax_cudnn.attention_cudnn(q, k, v, seg, fallback, max_segments=max_segments)
+        return softmax_cudnn.packed_cudnn(q, k, v, seg, fallback, max_segments=max_segments)
     return fn
 
 

@@ -71,11 +71,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return softmax_attention_reference(q, k, v, q_segment_ids, kv_segment_ids, offset)
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
-            return softmax_cudnn.attention_cudnn(q, k, v, None, xla, max_segments=0)
+            return softmax_cudnn.causal_cudnn(q, k, v)
         limit = softmax_cudnn.packed_segment_limit(q)
         if limit == 0:
             return xla()
-        cudnn = lambda: softmax_cudnn.attention_cudnn(q, k, v, q_segment_ids, xla, max_segments=limit)
+        cudnn = lambda: softmax_cudnn.packed_cudnn(q, k, v, q_segment_ids, xla, max_segments=limit)
         if q_segment_ids is kv_segment_ids:
             return cudnn()
         return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids), cudnn, xla)

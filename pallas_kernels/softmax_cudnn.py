@@ -2,12 +2,14 @@
 
 Packed documents use cuDNN's ragged ("packed") form: each row's segments become (offset, length)
 pairs, at most `max_segments` per row. cuDNN covers self-attention (T == S, no query offset) with
-segment ids that form contiguous runs; `attention_cudnn` checks that on the device and takes the
+segment ids that form contiguous runs; `packed_cudnn` checks that on the device and takes the
 blockwise XLA path when a row breaks it (more segments than `max_segments`, or ids that repeat
 after a gap), so it never computes a different mask.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,19 +63,24 @@ def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Arra
     return lengths, offsets, ok
 
 
-def attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    fallback, *, max_segments: int) -> jax.Array:
-    """cuDNN flash attention, causal, q `[B, T, H, K]`, k and v `[B, T, N, K]` (bf16/f16).
+def causal_cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN flash attention, causal: q `[B, T, H, K]`, k and v `[B, T, N, K]` (bf16/f16) ->
+    `[B, T, H, K]` in q's dtype."""
+    return cudnn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                       mask_type=cudnn.MaskType.CAUSAL)
 
-    segment_ids int `[B, T]` (the same for queries and keys) or None; max_segments: the packed
-    form's segments over all B rows together (see `packed_segment_limit`). `fallback()` computes the same attention
-    another way; it runs when the segment ids do not fit the packed form (see `packed_segments`). Returns `[B, T, H, K]` in q's dtype.
+
+def packed_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                 fallback: Callable[[], jax.Array], *, max_segments: int) -> jax.Array:
+    """cuDNN flash attention, causal within documents: `causal_cudnn` with segment_ids int
+    `[B, T]` (the same for queries and keys).
+
+    The B rows go to cuDNN as one packed row of max_segments segments (see
+    `packed_segment_limit`): segments never cross rows, and one row is the form that gives correct
+    results on the GPU. `fallback()` computes the same attention another way; it runs when the
+    segment ids do not fit the packed form (see `packed_segments`). Returns `[B, T, H, K]` in q's
+    dtype.
     """
-    scale = q.shape[-1] ** -0.5
-    if segment_ids is None:
-        return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
-    # the rows as one packed row: segments never cross rows, and one row is the form checked on
-    # the GPU (several rows gave wrong results)
     b, t = segment_ids.shape
     flat = lambda x: x.reshape(1, b * t, *x.shape[2:])
     row_ids = segment_ids + (jnp.arange(b, dtype=segment_ids.dtype) * (jnp.max(segment_ids) + 1))[:, None]
@@ -83,7 +90,7 @@ def attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     def packed(_):
         o = cudnn.dot_product_attention(
             flat(q), flat(k), flat(v), q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-            kv_offsets=offsets, scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+            kv_offsets=offsets, scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL)
         return o.reshape(q.shape)
 
     return lax.cond(ok, packed, lambda _: fallback(), None)
