@@ -1,7 +1,8 @@
 """The sparse mixture-of-experts block of MiniMax-01 (spec §6): fp32 softmax router, top-k with
 renormalised weights, SwiGLU experts computed dropless and grouped by expert: tokens are gathered
 into expert order, run through grouped matmuls (`pallas_kernels.grouped_matmul`) and gathered back
-(gathers both ways, also in the gradient)."""
+(gathers both ways, also in the gradient). Sequences longer than TOKEN_CHUNK tokens go through the
+experts a chunk at a time, each chunk recomputed in the backward pass (memory O(TOKEN_CHUNK))."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from flax import nnx
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
 from pallas_kernels import grouped_matmul
+
+TOKEN_CHUNK = 65536  # longer token sequences go through the experts this many tokens at a time
 
 
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -116,12 +119,32 @@ class SparseMoE(nnx.Module):
         probs, weights, experts = route(logits, self.top_k)
         stats = router_stats(probs, experts, None if mask is None else mask.reshape(-1))
 
-        order, inverse, group_sizes = dispatch_order(experts, e)
-        y_sorted = expert_ffn(
-            gather_rows(xf, order, inverse, self.top_k), group_sizes,
-            self.w1[...].astype(self.dtype), self.w3[...].astype(self.dtype),
-            self.w2[...].astype(self.dtype), self.impl,
-        )
-        y = gather_rows(y_sorted, inverse, order, 1).reshape(b * t, self.top_k, d)
-        out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
-        return out.astype(self.dtype).reshape(b, t, d), stats
+        ws = tuple(w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
+        n = b * t
+        if n <= TOKEN_CHUNK:
+            out = combine_experts(xf, weights, experts, ws, e, self.impl)
+        else:
+            # token chunks, each recomputed in the backward pass: the experts' activations of
+            # one chunk are alive at a time, not those of the whole sequence
+            c = -(-n // TOKEN_CHUNK)
+            pad = c * TOKEN_CHUNK - n
+            chunks = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+                c, TOKEN_CHUNK, *a.shape[1:])
+            one = jax.checkpoint(lambda a: combine_experts(*a, ws, e, self.impl))
+            out = jax.lax.map(one, (chunks(xf), chunks(weights), chunks(experts)))
+            out = out.reshape(c * TOKEN_CHUNK, d)[:n]
+        return out.reshape(b, t, d), stats
+
+
+def combine_experts(xf: jax.Array, weights: jax.Array, experts: jax.Array,
+                    ws: tuple[jax.Array, jax.Array, jax.Array], num_experts: int,
+                    impl: str) -> jax.Array:
+    """The experts' weighted sum for tokens xf `[N, D]` routed to experts int32 `[N, k]` with
+    weights float32 `[N, k]`; ws = (w1, w3, w2) in the compute dtype. Returns `[N, D]` in xf's
+    dtype (a token of weight 0 adds nothing)."""
+    n, d = xf.shape
+    k = experts.shape[1]
+    order, inverse, group_sizes = dispatch_order(experts, num_experts)
+    y_sorted = expert_ffn(gather_rows(xf, order, inverse, k), group_sizes, *ws, impl)
+    y = gather_rows(y_sorted, inverse, order, 1).reshape(n, k, d)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(xf.dtype)

@@ -113,3 +113,28 @@ def test_layer_through_kernels_interpret(rng, monkeypatch):
     assert rel_err(got[1][1], want[1][1]) < tol
     for name in ("gate", "w1", "w3", "w2"):
         assert rel_err(got[1][0][name][...], want[1][0][name][...]) < tol, name
+
+
+def test_token_chunks_equal_one_pass(rng, monkeypatch):
+    cfg = tiny_config()
+    layer = SparseMoE(cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    x = jnp.asarray(rng.standard_normal((2, 29, cfg.hidden_size)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 29)) < 0.9)
+    dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x):
+        out, stats = nnx.merge(graphdef, state)(x, mask)
+        return jnp.vdot(out, dy) + stats["aux_loss"], (out, stats)
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    (g_state, g_x), (out, stats) = grad(state, x)
+    monkeypatch.setattr(moe, "TOKEN_CHUNK", 16)  # 58 tokens: four chunks, the last padded
+    (c_state, c_x), (c_out, c_stats) = grad(state, x)
+    # each token's output is the same arithmetic; parameter gradients sum the chunks in another
+    # order (float32 over <= 58 tokens)
+    np.testing.assert_array_equal(c_out, out)
+    np.testing.assert_array_equal(c_stats["aux_loss"], stats["aux_loss"])
+    assert rel_err(c_x, g_x) < 1e-6
+    for a, b in zip(jax.tree.leaves(c_state), jax.tree.leaves(g_state)):
+        assert rel_err(a, b) < 1e-6
