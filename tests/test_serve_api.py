@@ -185,6 +185,13 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400),
     ("unsupported penalty", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 1.0}, 400),
+    ("top_k past int32", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**31}, 400),
+    ("top_k 2**63", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**63}, 400),
+    ("max_tokens past int32", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2**40}, 400),
+    ("token id past int32", "/v1/completions", {"model": MODEL, "prompt": [1, 2**32 + 1]}, 400),
+    ("stream as a string", "/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400),
+    ("booleans as token ids", "/v1/completions", {"model": MODEL, "prompt": [True, False]}, 400),
+    ("max_tokens as a float", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4.0}, 400),
     ("no such route", "/v1/embeddings", {"model": MODEL, "input": "x"}, 404),
 ]
 
