@@ -184,6 +184,13 @@ def test_unknown_override_lists_valid_keys():
         load_train_config(ROOT / "configs/tiny.yaml", ["model.hiden_size=3"])
 
 
+def test_config_without_a_model_section_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="no model: section.*configs/tiny.yaml"):
+        load_train_config(empty)
+
+
 def test_mesh_training_matches_single_device(corpus, tmp_path):
     """Two steps on an 8-device CPU mesh (data x fsdp x tensor) give the single-device losses."""
     single = tmp_path / "single"

@@ -70,10 +70,14 @@ class TrainConfig:
         return Path(self.checkpoint_dir or Path(self.run_dir) / "checkpoints")
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
 def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[TrainConfig, MiniMaxConfig]:
     """Read a YAML file and apply `key=value` overrides -> (TrainConfig, MiniMaxConfig).
 
     Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`.
+    A config needs a `model:` section (or `init_from`): without one no model is built.
     """
     raw = read_yaml(path)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -88,4 +92,8 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
             model[key.removeprefix("model.")] = value
         else:
             train[key] = value
+    if not model and not train.get("init_from"):
+        shipped = ", ".join(sorted(str(p) for p in SHIPPED_CONFIGS.glob("*.yaml"))) or "configs/*.yaml"
+        raise ConfigError(f"{path}: no model: section (and no init_from), so no model to train; "
+                          f"start from a shipped config: {shipped}")
     return TrainConfig(**coerce_fields(TrainConfig, train)), MiniMaxConfig.from_mapping(model)
