@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.cache import Cache, write_rows
+from pallas_kernels.reference import segment_starts
 
 PADDING = -1  # the segment id of a key no query sees
 
@@ -45,10 +46,7 @@ class TokenLayout:
 
 def document_runs(segment_ids: jax.Array) -> jax.Array:
     """int32 `[B, T]`: 0, 1, 2, ... counting the runs of equal ids along each row."""
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.concatenate(
-        [jnp.zeros_like(segment_ids[:, :1], jnp.int32), jnp.cumsum(change, axis=1, dtype=jnp.int32)],
-        axis=1)
+    return jnp.cumsum(segment_starts(segment_ids, *segment_ids.shape), axis=1, dtype=jnp.int32)
 
 
 def default_positions(valid: jax.Array, runs: jax.Array | None, start: jax.Array) -> jax.Array:
@@ -59,8 +57,7 @@ def default_positions(valid: jax.Array, runs: jax.Array | None, start: jax.Array
     """
     if runs is not None:
         t = jnp.arange(runs.shape[1])
-        boundary = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-        seg_start = jax.lax.cummax(jnp.where(boundary, t, 0), axis=1)
+        seg_start = jax.lax.cummax(jnp.where(segment_starts(runs, *runs.shape), t, 0), axis=1)
         return (t - seg_start).astype(jnp.int32) + start[:, None]
     return start[:, None] + jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
@@ -88,11 +85,10 @@ def make_layout(batch: int, length: int, *, positions: jax.Array | None = None,
         positions = default_positions(ones if valid is None else valid, runs, start)
     positions = positions.astype(jnp.int32)
     if cache is None:
-        q_seg = runs
-        if valid is not None:
-            q_seg = jnp.zeros((batch, length), jnp.int32) if runs is None else runs
-        kv_seg = q_seg if valid is None else jnp.where(valid, q_seg, PADDING)
-        return TokenLayout(positions, valid, runs, q_seg, kv_seg, None, None)
+        if valid is None:
+            return TokenLayout(positions, valid, runs, runs, runs, None, None)
+        q_seg = jnp.zeros((batch, length), jnp.int32) if runs is None else runs
+        return TokenLayout(positions, valid, runs, q_seg, jnp.where(valid, q_seg, PADDING), None, None)
     chunk_valid = jnp.ones((batch, length), jnp.bool_) if valid is None else valid
     kv_valid = write_rows(cache.kv_mask, chunk_valid, cache.length)
     return TokenLayout(

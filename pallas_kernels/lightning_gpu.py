@@ -38,6 +38,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from pallas_kernels.device import is_hopper
+
 CHUNK = 64  # tokens per chunk (one wgmma M tile)
 SLAB = 64  # value columns per compute warpgroup
 STAGES = 3  # chunks of a, b, c in flight
@@ -410,10 +412,7 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether the kernels handle these inputs on the default device (Hopper, bf16/f16, D 64/128)."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    if q.shape[-1] not in (64, 128):
-        return False
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", "") in ("9.0", "9.0a")
+    return q.shape[-1] in (64, 128) and is_hopper()
 
 
 def _resets(segment_ids, b, t, tp):

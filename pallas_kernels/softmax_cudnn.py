@@ -1,7 +1,7 @@
 """Causal GQA attention through cuDNN's fused flash attention (JAX's cuDNN custom calls).
 
-Packed documents use cuDNN's ragged ("packed") form: each row's segments become (offset, length)
-pairs, at most `max_segments` per row. cuDNN covers self-attention (T == S, no query offset) with
+Packed documents use cuDNN's ragged ("packed") form: the segments of all rows, laid end to end as
+one row, become (offset, length) pairs, at most `max_segments` of them. cuDNN covers self-attention (T == S, no query offset) with
 segment ids that form contiguous runs; `packed_cudnn` checks that on the device and takes the
 blockwise XLA path when a row breaks it (more segments than `max_segments`, or ids that repeat
 after a gap), so it never computes a different mask.
@@ -17,6 +17,7 @@ from jax import lax
 from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
 from pallas_kernels.device import is_hopper
+from pallas_kernels.reference import segment_starts
 
 MAX_SEGMENTS = 64  # default segments per row in cuDNN's packed form
 # cuDNN's packed backward allocates about (2 M + 1) * B * T * H * K float32 of workspace (measured
@@ -50,7 +51,7 @@ def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Arra
     ok bool `[]`: every row has at most M runs and no id appears in two runs).
     """
     b, t = segment_ids.shape
-    start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = segment_starts(segment_ids, b, t).at[:, 0].set(True)
     count = jnp.sum(start, axis=1, dtype=jnp.int32)
     idx = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=t)[0])(start)
     idx = idx.astype(jnp.int32)

@@ -149,12 +149,15 @@ def _attention_bwd(block_q, block_k, res, do):
     q_slice = lambda x, i: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1)
     k_slice = lambda x, j: lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1)
 
-    def probs(i, j):
-        """(p, ds) float32 `[B, N, G, bq, bk]` of query block i and key block j."""
-        qb, kb, vb, dob = q_slice(qp, i), k_slice(kp, j), k_slice(vp, j), q_slice(dop, i)
+    def visible(i, j):
+        """bool `[B, bq, bk]` of query block i and key block j."""
         qs = None if qsp is None else q_slice(qsp, i)
         ks = None if ksp is None else k_slice(ksp, j)
-        vis = _visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), qs, ks, q_offset, s)
+        return _visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), qs, ks, q_offset, s)
+
+    def probs(i, j, vis):
+        """(p, ds) float32 `[B, N, G, bq, bk]` of query block i and key block j seeing vis."""
+        qb, kb, vb, dob = q_slice(qp, i), k_slice(kp, j), k_slice(vp, j), q_slice(dop, i)
         sc = jnp.einsum("bqngk,bsnk->bngqs", qb, kb, preferred_element_type=jnp.float32) * scale
         lse_b = jnp.moveaxis(q_slice(lsep, i), 1, 3)  # [B, N, G, bq]
         p = jnp.where(vis[:, None, None], jnp.exp(sc - lse_b[..., None]), 0.0)
@@ -164,12 +167,14 @@ def _attention_bwd(block_q, block_k, res, do):
 
     def dq_block(i):
         def body(j, dq):
+            vis = visible(i, j)
+
             def add(dq):
-                _, ds = probs(i, j)
+                _, ds = probs(i, j, vis)
                 kb = k_slice(kp, j)
                 return dq + jnp.einsum("bngqs,bsnk->bqngk", ds.astype(kb.dtype), kb,
                                        preferred_element_type=jnp.float32)
-            return lax.cond(_any_visible(i, j), add, lambda d: d, dq)
+            return lax.cond(jnp.any(vis), add, lambda d: d, dq)
 
         hi = jnp.minimum(nk, (i * bq + bq - 1 + max_off) // bk + 1)
         dq = lax.fori_loop(0, hi, body, jnp.zeros((b, bq, nkv, g, kd), jnp.float32))
@@ -177,27 +182,23 @@ def _attention_bwd(block_q, block_k, res, do):
 
     def dkv_block(j):
         def body(i, carry):
+            vis = visible(i, j)
+
             def add(carry):
                 dk, dv = carry
-                p, ds = probs(i, j)
+                p, ds = probs(i, j, vis)
                 qb, dob = q_slice(qp, i), q_slice(dop, i)
                 dv = dv + jnp.einsum("bngqs,bqngk->bsnk", p.astype(dob.dtype), dob,
                                      preferred_element_type=jnp.float32)
                 dk = dk + jnp.einsum("bngqs,bqngk->bsnk", ds.astype(qb.dtype), qb,
                                      preferred_element_type=jnp.float32)
                 return dk, dv
-            return lax.cond(_any_visible(i, j), add, lambda c: c, carry)
+            return lax.cond(jnp.any(vis), add, lambda c: c, carry)
 
         lo = jnp.clip((j * bk - max_off) // bq, 0, nq)
         zeros = jnp.zeros((b, bk, nkv, kd), jnp.float32)
         dk, dv = lax.fori_loop(lo, nq, body, (zeros, zeros))
         return (dk * scale).astype(k.dtype), dv.astype(v.dtype)
-
-    def _any_visible(i, j):
-        qs = None if qsp is None else q_slice(qsp, i)
-        ks = None if ksp is None else k_slice(ksp, j)
-        return jnp.any(_visible(i * bq + jnp.arange(bq), j * bk + jnp.arange(bk), qs, ks,
-                                q_offset, s))
 
     dq = jnp.moveaxis(lax.map(dq_block, jnp.arange(nq)), 0, 1).reshape(b, nq * bq, h, kd)[:, :t]
     dk, dv = lax.map(dkv_block, jnp.arange(nk))
