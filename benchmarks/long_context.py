@@ -7,7 +7,7 @@ prompt through the serving engine.
 --train: for each seq_len (batch 1 unless SEQxBATCH, remat from 32,768 tokens, bf16 compute,
     float32 master weights, AdamW), in a
     process of its own (so each peak memory is its own and an out-of-memory error ends only that
-    row): one compiled `train_step` on packed rows of documents (mean length seq_len / 8), timed
+    row; XLA may take 95% of the device's memory): one compiled `train_step` on packed rows of documents (mean length seq_len / 8), timed
     over a few steps (median); tokens/s, MFU, peak device memory; then the step split by layer
     kind, from the ops timed alone at the step's shapes: lightning attention, softmax attention
     and the MoE layer (each counted as forward + forward-and-backward, what remat runs), the rest
@@ -94,17 +94,22 @@ def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
     state = TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
                        step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
     batch = jax.device_put(packed_batch(seq_len, mcfg.vocab_size, batch_size, docs))
-    step = lambda s: train_step(s, batch, graphdef=graphdef, optimizer=optimizer, grad_accum=1,
-                                aux_coef=mcfg.router_aux_loss_coef)
     print(f"seq_len {seq_len}: compiling the training step", flush=True)
     t0 = time.perf_counter()
-    state, metrics = step(state)
+    step = train_step.lower(state, batch, graphdef=graphdef, optimizer=optimizer, grad_accum=1,
+                            aux_coef=mcfg.router_aux_loss_coef).compile()
+    memory = step.memory_analysis()
+    compiled_gib = {"temp_gib": memory.temp_size_in_bytes / 2**30,
+                    "arguments_gib": memory.argument_size_in_bytes / 2**30}
+    print(f"seq_len {seq_len}: the compiled step needs {compiled_gib['temp_gib']:.1f} GiB of "
+          f"temporaries beside {compiled_gib['arguments_gib']:.1f} GiB of arguments", flush=True)
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics["loss"])
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, metrics = step(state)
+        state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
@@ -114,7 +119,7 @@ def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
     row = {"seq_len": seq_len, "batch": batch_size, "docs_per_row": docs, "remat": remat == "true", "step_s": step_s,
            "tokens_per_s": tokens / step_s,
            "mfu": None if peak is None else flops * tokens / step_s / peak, "peak_gib": peak_gib,
-           "compile_s": compile_s, "loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
+           "compile_s": compile_s, **compiled_gib, "loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
     print(f"seq_len {seq_len}: step {step_s:.3f} s, peak {peak_gib:.1f} GiB; timing the ops alone", flush=True)
     del state
 
@@ -132,8 +137,9 @@ def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
         grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=tuple(range(len(args)))))
         jax.block_until_ready(fwd(*args))
         jax.block_until_ready(grad(*args))
-        return (_median_time(lambda: jax.block_until_ready(fwd(*args)), 3),
-                _median_time(lambda: jax.block_until_ready(grad(*args)), 3))
+        reps = 3 if seq_len < 524288 else 1  # the longest rows' ops take tens of seconds
+        return (_median_time(lambda: jax.block_until_ready(fwd(*args)), reps),
+                _median_time(lambda: jax.block_until_ready(grad(*args)), reps))
 
     lin = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, slopes, segment_ids=seg)[0]
     lin_in = [jax.nn.silu(jax.random.normal(key, (batch_size, seq_len, h, k), bf)) for key in keys[:3]]
@@ -228,6 +234,8 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.child:
+        # one process per row: let it use the device's memory, not XLA's default 75%
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
         kind, size = args.child[0], args.child[1]
         if kind == "train":
             seq_len, _, batch = size.partition("x")

@@ -17,6 +17,26 @@ from minimax_jax.norm import RMSNorm
 CacheView = jax.Array | PagedKV | None  # a lightning state `[B, H, K, K]`, a softmax layer's pages
 
 
+@jax.custom_vjp
+def grads_in_order(h: jax.Array, params: nnx.State) -> tuple[jax.Array, nnx.State]:
+    """Identity on (a layer's input h, the layer's parameters). In the backward pass the gradient
+    for h leaves only together with the layer's parameter gradients, so each layer's weight
+    gradients are computed (and its recomputed activations freed) before the layer below runs
+    its backward pass, rather than all of a scanned block's at its end."""
+    return h, params
+
+
+def _grads_in_order_fwd(h, params):
+    return (h, params), None
+
+
+def _grads_in_order_bwd(_, cotangents):
+    return jax.lax.optimization_barrier(cotangents)
+
+
+grads_in_order.defvjp(_grads_in_order_fwd, _grads_in_order_bwd)
+
+
 class DecoderLayer(nnx.Module):
     """x^ = norm_in(h); h' = a * x^ + b * attn(x^); z^ = norm_post(h'); out = a' * z^ + b' * moe(z^)."""
 
@@ -40,14 +60,18 @@ class DecoderLayer(nnx.Module):
 
         view: a lightning layer's state float32 `[B, H, K, K]` (None: zeros; the new state is
         returned either way), a softmax layer's `PagedKV` or None (no cache). slopes float32 `[H]`
-        (lightning layers only). With remat, the attention and the MoE sublayer each keep only
-        their input for the backward pass and recompute the rest.
+        (lightning layers only). With remat, only the layer's input is kept for the backward
+        pass; the layer's activations are recomputed there.
         """
-        attention, moe = DecoderLayer.attention_sublayer, DecoderLayer.moe_sublayer
         if self.remat:
-            attention, moe = nnx.remat(attention), nnx.remat(moe)
-        h, view = attention(self, h, layout, view, slopes)
-        h, stats = moe(self, h, layout.valid)
+            return nnx.remat(DecoderLayer.layer_body)(self, h, layout, view, slopes)
+        return self.layer_body(h, layout, view, slopes)
+
+    def layer_body(self, h: jax.Array, layout: TokenLayout, view: CacheView,
+                   slopes: jax.Array) -> tuple[jax.Array, CacheView, dict[str, jax.Array]]:
+        """The layer without remat: the attention sublayer, then the MoE sublayer."""
+        h, view = self.attention_sublayer(h, layout, view, slopes)
+        h, stats = self.moe_sublayer(h, layout.valid)
         return h, view, stats
 
     def attention_sublayer(self, h: jax.Array, layout: TokenLayout, view: CacheView,
@@ -85,7 +109,9 @@ class DecoderBlock(nnx.Module):
             else:
                 view = None if cache is None else PagedKV(
                     cache.key[len(keys)], cache.value[len(keys)], cache.page_table)
-            h, view, layer_stats = layer(h, layout, view, slopes=slopes[i])
+            graphdef, params = nnx.split(layer)
+            h, params = grads_in_order(h, params)
+            h, view, layer_stats = nnx.merge(graphdef, params)(h, layout, view, slopes=slopes[i])
             stats.append(layer_stats)
             if layer.layer_type == LINEAR:
                 states.append(view)
