@@ -14,6 +14,8 @@ The ops the model computes through, each with a reference beside it:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,7 @@ from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
 from pallas_kernels.softmax import (SOFTMAX_IMPLS, paged_softmax_attention,
                                               softmax_attention)
+from sharding.lightning import lightning_attention_sp, sequence_shards
 
 __all__ = ["lightning_attention", "lightning_decode", "IMPLS", "LIGHTNING_CHUNK", "grouped_matmul",
            "softmax_attention", "paged_softmax_attention", "SOFTMAX_IMPLS"]
@@ -73,7 +76,9 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
     block_size: block length of the "chunked" form.
 
   A call with T == 1 and no segment ids is one decode step (``lightning_decode``) for every impl
-  but "reference".
+  but "reference". Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, T is
+  split over that axis (``sharding.lightning``: each shard runs ``impl`` on its tokens, the
+  shards' states are exchanged); T must then be a multiple of P.
 
   Returns:
     o ``[B, T, H, D]`` in q's dtype, final_state float32 ``[B, H, D, D]`` (float64 for float64
@@ -89,9 +94,17 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
       raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
   if initial_state is None:
     initial_state = jnp.zeros((b, h, d, d), jnp.float32)
+  one_device = functools.partial(_lightning_one_device, impl=impl, block_size=block_size)
+  if t > 1 and sequence_shards() > 1:
+    return lightning_attention_sp(q, k, v, slopes, initial_state, segment_ids, one_device)
+  return one_device(q, k, v, slopes, initial_state, segment_ids)
+
+
+def _lightning_one_device(q, k, v, slopes, initial_state, segment_ids, *, impl: str, block_size: int):
+  """`lightning_attention` on the tokens at hand (arguments checked, initial_state given)."""
   if impl == "reference":
     return lightning_attention_reference(q, k, v, slopes, initial_state, segment_ids)
-  if t == 1 and segment_ids is None:
+  if q.shape[1] == 1 and segment_ids is None:
     o, state = lightning_decode_reference(q[:, 0], k[:, 0], v[:, 0], slopes, initial_state)
     return o[:, None], state
   if impl in ("pallas", "auto") and lightning_gpu.supports(q, k, v):

@@ -1,0 +1,73 @@
+"""Checks that need several devices, run as `python tests/sharded_worker.py CHECK` in a process with
+8 CPU devices (`tests/test_sharding.py` starts it). Prints one JSON object: the largest relative
+errors against the one-device result and facts about the compiled program."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pallas_kernels  # noqa: E402
+from sharding import make_mesh  # noqa: E402
+
+MESHES = ({"sequence": 8}, {"data": 2, "sequence": 4})
+
+
+def rel(a: jax.Array, b: jax.Array) -> float:
+    """max |a - b| / max |b|."""
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def all_gathers(hlo: str) -> list[str]:
+    """The result shapes of the all-gathers in compiled HLO text."""
+    return re.findall(r"= (\S+\[[0-9,]*\])\S* all-gather(?:-start)?\(", hlo)
+
+
+def lightning() -> dict:
+    """The lightning op on sequence meshes against one device: output, final state and the
+    gradients of q, k, v and the initial state, float32; documents that start inside a shard
+    and exactly at a shard boundary."""
+    rng = np.random.default_rng(0)
+    b, t, h, d = 2, 128, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)) * 0.5, jnp.float32) for _ in range(3))
+    slopes = jnp.asarray([0.05, 0.3], jnp.float32)
+    s0 = jnp.asarray(rng.standard_normal((b, h, d, d)) * 0.1, jnp.float32)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 40:], seg[0, 80:], seg[1, 32:] = 2, 3, 2  # row 1: a document starts on a shard edge
+    seg = jnp.asarray(seg)
+
+    def loss(q, k, v, s0):
+        o, s = pallas_kernels.lightning_attention(q, k, v, slopes, initial_state=s0, segment_ids=seg,
+                                                  impl="chunked")
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * s), (o, s)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, (o1, s1)), g1 = step(q, k, v, s0)
+    out = {}
+    for shape in MESHES:
+        mesh = make_mesh(shape)
+        tokens = NamedSharding(mesh, P(None, "sequence"))
+        args = (*(jax.device_put(x, tokens) for x in (q, k, v)), s0)
+        with jax.set_mesh(mesh):
+            (_, (o, s)), g = step(*args)
+            hlo = step.lower(*args).compile().as_text()
+        name = "x".join(f"{a}{n}" for a, n in shape.items())
+        out[name] = {"o": rel(o, o1), "state": rel(s, s1), "grads": max(rel(a, c) for a, c in zip(g, g1)),
+                     "all_gathers": all_gathers(hlo)}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps({"lightning": lightning}[sys.argv[1]]()))

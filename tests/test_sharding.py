@@ -1,0 +1,50 @@
+"""Sharded versions of the ops against one device, on 8 CPU devices (`tests/sharded_worker.py`
+runs in its own process, since the device count is fixed when JAX starts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+# float32 results through sums over a few hundred terms: 1e-5 relative leaves a 10x margin over
+# the float32 rounding of such sums
+RTOL = 1e-5
+
+
+def run_worker(check: str) -> dict:
+    """The JSON a worker check prints."""
+    proc = subprocess.run([sys.executable, str(WORKER), check], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def lightning():
+    return run_worker("lightning")
+
+
+@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+def test_lightning_over_the_sequence_axis_equals_one_device(lightning, mesh):
+    """LASP+: output, final state and gradients equal the one-device op, documents starting inside
+    shards and on a shard boundary."""
+    result = lightning[mesh]
+    assert result["o"] < RTOL and result["state"] < RTOL and result["grads"] < RTOL, result
+
+
+@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+def test_lightning_over_the_sequence_axis_gathers_only_states(lightning, mesh):
+    """The only all-gathers are of per-shard states, decays and boundary ids: at most
+    shards x B x H x D x D elements (B 2, H 2, D 16), never a token-length array (T 128)."""
+    shards = int(re.search(r"sequence(\d+)", mesh).group(1))
+    gathers = lightning[mesh]["all_gathers"]
+    assert gathers, "no all-gather in the compiled op"
+    for shape in gathers:
+        dims = [int(x) for x in re.search(r"\[([0-9,]*)\]", shape).group(1).split(",") if x]
+        assert math.prod(dims) <= shards * 2 * 2 * 16 * 16 and 128 not in dims, shape
