@@ -1,6 +1,9 @@
 """Train or fine-tune a MiniMax model from one YAML config.
 
     python train.py --config configs/tiny.yaml [key=value ...] [model.key=value ...]
+                    [--no-verify] [--allow-non-finite] [--debug]
+
+A bad config, data file or checkpoint prints one line `error: ...` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from minimax_jax.config import ConfigError
+from minimax_jax.training.checkpointing import ensure_writable
 from minimax_jax.training.config import load_train_config
 from minimax_jax.training.loop import NonFiniteLoss, config_summary, run
 from sharding import initialize_distributed
@@ -21,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (model fields as model.KEY=value)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="resume and init_from without checking the checkpoints' checksums")
+    parser.add_argument("--allow-non-finite", action="store_true", help="accept NaN / Inf weights in init_from")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -28,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed()
         tcfg, mcfg = load_train_config(args.config, args.overrides)
         run_dir = Path(tcfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable(run_dir, "run directory")
         (run_dir / "config.json").write_text(json.dumps(config_summary(tcfg, mcfg), indent=2))
-        summary = run(tcfg, mcfg)
-    except (ConfigError, PermissionError, FileNotFoundError, NonFiniteLoss) as e:
+        summary = run(tcfg, mcfg, verify=not args.no_verify, allow_non_finite=args.allow_non_finite)
+    except (ValueError, OSError, NonFiniteLoss) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nfinished {summary['steps']} steps: train loss {summary['train_loss']:.3f}, "

@@ -6,8 +6,10 @@ Two formats:
   (`mlp.experts.gate_up_proj` / `down_proj`); see `hf_names`.
 - our checkpoint directory: `config.json` (`MiniMaxConfig.to_hf_config()`), tokenizer files,
   `state/` (an Orbax PyTree checkpoint of `nnx.state(model, nnx.Param)`, restorable with
-  `ocp.StandardCheckpointer().restore(dir / "state", abstract_state)`), and `COMPLETE`, written
-  last. A directory without `COMPLETE` is never loaded.
+  `ocp.StandardCheckpointer().restore(dir / "state", abstract_state)`), `checksums.json` (per
+  param: the crc32 of each of N equal contiguous parts of its C-order bytes in the stored dtype,
+  N = the blocks it was written in) and `COMPLETE`, written last. A directory without `COMPLETE`
+  is never loaded; `load_model` checks every param against `checksums.json` and refuses NaN / Inf.
 
 `state/` is written without Orbax's save path (which needs whole arrays in memory): every param
 is a zarr array (Orbax's `use_ocdbt=False` layout) whose chunks tile the per-layer / per-expert
@@ -23,6 +25,7 @@ import math
 import os
 import shutil
 import struct
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -35,12 +38,14 @@ import tensorstore as ts
 from flax import nnx
 from tqdm import tqdm
 
-from minimax_jax.config import MiniMaxConfig
+from minimax_jax.config import MiniMaxConfig, parse_json
 from minimax_jax.hf_names import IGNORED, Entry, ParamPath, detect_layout, expected_entries
+from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
+CHECKSUM_FILE = "checksums.json"
 INDEX_FILE = "model.safetensors.index.json"
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
@@ -52,6 +57,7 @@ ST_DTYPES = {"F64": np.dtype(np.float64), "F32": DTYPES["float32"], "BF16": DTYP
 MAX_CHUNK_BYTES = 1 << 28  # zarr chunks of at most 256 MiB
 MAX_LISTED = 20  # problems listed in one error message
 MAX_HEADER_BYTES = 100 << 20
+SCAN_BYTES = 64 << 20  # bytes of a tensor made contiguous at a time for checksums and NaN checks
 
 
 class CheckpointError(ValueError):
@@ -80,6 +86,117 @@ def param_shapes(cfg: MiniMaxConfig) -> dict[ParamPath, tuple[int, ...]]:
     return {path: tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+# ----- checksums and non-finite values ---------------------------------------------------------
+def _pieces(array: np.ndarray) -> Iterator[np.ndarray]:
+    """`array`'s elements in C order as 1-D contiguous pieces of at most ~SCAN_BYTES (slices
+    along the leading axes), so a non-contiguous view is never copied whole."""
+    if array.ndim <= 1 or array.nbytes <= SCAN_BYTES:
+        yield np.ascontiguousarray(array).reshape(-1)
+        return
+    rows = SCAN_BYTES // max(array[0].nbytes, 1)
+    if rows == 0:
+        for sub in array:
+            yield from _pieces(sub)
+        return
+    for i in range(0, array.shape[0], rows):
+        yield np.ascontiguousarray(array[i:i + rows]).reshape(-1)
+
+
+def crc32(array: np.ndarray) -> int:
+    """crc32 of `array`'s bytes in C order (its own dtype, little-endian)."""
+    crc = 0
+    for piece in _pieces(array):
+        crc = zlib.crc32(piece.view(np.uint8), crc)
+    return crc
+
+
+def check_finite(array: np.ndarray, name: str, where: Path | str, allow: bool) -> None:
+    """Raise a CheckpointError naming tensor `name` in `where` if `array` holds NaN or Inf
+    (unless `allow`)."""
+    if allow:
+        return
+    bad = sum(int(np.count_nonzero(~np.isfinite(piece))) for piece in _pieces(array))
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name} has {bad} non-finite value(s) (NaN or Inf); "
+                              f"pass allow_non_finite=True (--allow-non-finite) to accept them")
+
+
+class ChecksumVerifier:
+    """Checks the C-order bytes (`nbytes` in all) of tensor `name` of the checkpoint `where`,
+    fed in order in blocks of any size, against `checksums[name]`: the crc32 of each of its
+    equal contiguous parts."""
+
+    def __init__(self, name: str, nbytes: int, checksums: dict[str, list[int]], where: Path | str):
+        if name not in checksums:
+            raise CheckpointError(f"{where}: {CHECKSUM_FILE} has no checksum for tensor {name}")
+        expected = checksums[name]
+        if not expected or nbytes % len(expected):
+            raise CheckpointError(f"{where}: {CHECKSUM_FILE} has {len(expected)} checksum(s) for "
+                                  f"tensor {name} of {nbytes} bytes")
+        self.name, self.expected, self.where = name, expected, where
+        self.part_bytes = nbytes // len(expected)
+        self.part = self.filled = self.crc = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Feed the next elements of the tensor (C order)."""
+        for piece in _pieces(array):
+            data = memoryview(piece.view(np.uint8))
+            while data:
+                if self.part == len(self.expected):
+                    raise CheckpointError(f"{self.where}: tensor {self.name} is larger than {CHECKSUM_FILE} says")
+                take = min(len(data), self.part_bytes - self.filled)
+                self.crc = zlib.crc32(data[:take], self.crc)
+                self.filled, data = self.filled + take, data[take:]
+                if self.filled == self.part_bytes:
+                    if self.crc != self.expected[self.part]:
+                        part = f" (part {self.part + 1} of {len(self.expected)})" if len(self.expected) > 1 else ""
+                        raise CheckpointError(
+                            f"{self.where}: tensor {self.name} does not match its checksum in {CHECKSUM_FILE}"
+                            f"{part}: the checkpoint is corrupt; restore it, or pass verify=False "
+                            f"(--no-verify) to load it anyway")
+                    self.part, self.filled, self.crc = self.part + 1, 0, 0
+
+    def finish(self) -> None:
+        """Raise unless every part has been fed and matched."""
+        if self.part != len(self.expected):
+            raise CheckpointError(f"{self.where}: tensor {self.name} was only partly checked")
+
+
+def write_text_atomic(file: Path, text: str) -> None:
+    """Write `text` to `file` through a temporary sibling renamed over it."""
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def read_checksums(ckpt: Path) -> dict[str, list[int]]:
+    """{tensor name: crc32 list} from `ckpt`/checksums.json; a missing or malformed file is a
+    CheckpointError naming it."""
+    file = Path(ckpt) / CHECKSUM_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{ckpt}: no {CHECKSUM_FILE}, so its tensors cannot be verified; "
+                              f"pass verify=False (--no-verify) to load it unverified")
+    data = parse_json(file.read_bytes(), file, CheckpointError)
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if not isinstance(tensors, dict) or not all(
+            isinstance(v, list) and all(isinstance(c, int) for c in v) for v in tensors.values()):
+        raise CheckpointError(f"{file}: expected {{\"tensors\": {{name: [crc32, ...]}}}}")
+    return tensors
+
+
+def verify_tensor(name: str, array: np.ndarray, checksums: dict[str, list[int]], where: Path | str) -> None:
+    """Raise a CheckpointError naming tensor `name` and `where` unless `array` (its stored
+    dtype) matches `checksums[name]`."""
+    verifier = ChecksumVerifier(name, array.nbytes, checksums, where)
+    verifier.update(array)
+    verifier.finish()
+
+
+def write_checksums(ckpt: Path, checksums: dict[str, list[int]]) -> None:
+    """Record `checksums` ({tensor name: crc32 per part}) in `ckpt`/checksums.json."""
+    write_text_atomic(Path(ckpt) / CHECKSUM_FILE, json.dumps({"algorithm": "crc32", "tensors": checksums}))
+
+
 # ----- HF safetensors --------------------------------------------------------------------------
 def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
     """(byte offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
@@ -88,16 +205,45 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < n <= min(MAX_HEADER_BYTES, file.stat().st_size - 8):
             raise CheckpointError(f"{file}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        header = parse_json(f.read(n), f"{file} (safetensors header)", CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     data_bytes = file.stat().st_size - 8 - n
     for name, info in header.items():
+        if not _valid_header_entry(info):
+            raise CheckpointError(f"{file}: tensor {name} has a malformed header entry {str(info)[:200]} "
+                                  f"(expected dtype, shape and data_offsets [begin, end])")
         begin, end = info["data_offsets"]
         dtype = ST_DTYPES.get(info["dtype"])
         if end > data_bytes or (dtype is not None and end - begin != math.prod(info["shape"]) * dtype.itemsize):
             raise CheckpointError(f"{file}: tensor {name} has data offsets {[begin, end]} that do not fit "
                                   f"its shape {info['shape']} / dtype {info['dtype']} or the file")
     return 8 + n, header
+
+
+def _valid_header_entry(info) -> bool:
+    """True if a safetensors header entry has a string dtype, a shape of non-negative ints and
+    data offsets [begin, end] with 0 <= begin <= end."""
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)  # noqa: E731
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str) and ints(info.get("shape"))
+            and ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+            and info["data_offsets"][0] <= info["data_offsets"][1])
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` {tensor: shard file} of a safetensors index; malformed JSON, a missing
+    map or a shard outside the index's directory (absolute, or through "..") is a CheckpointError
+    naming the file and the entry."""
+    data = parse_json(index.read_bytes(), index, CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor: shard file name}}}}")
+    for key, name in weight_map.items():
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+            raise CheckpointError(f"{index}: entry {key} -> {name} points outside {index.parent}")
+    return weight_map
 
 
 class HFReader:
@@ -112,7 +258,7 @@ class HFReader:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             weight_map, files = None, sorted(p.name for p in self.dir.glob("*.safetensors"))
@@ -179,17 +325,23 @@ class HFPlan:
             raise report(self.reader.dir, problems)
         self.dtypes = {p: np.result_type(*sources[p]) if dtype is None else dtype for p in self.shapes}
 
-    def blocks(self, progress: bool = False) -> Iterator[tuple[Entry, np.ndarray]]:
+    def blocks(self, progress: bool = False, allow_non_finite: bool = False) -> Iterator[tuple[Entry, np.ndarray]]:
         """(entry, block of our param in its stored dtype) for every HF tensor, shard by shard.
 
-        Holds one HF tensor and the blocks made from it at a time.
+        Holds one HF tensor and the blocks made from it at a time. A block with NaN or Inf
+        (as read, or after the cast to the stored dtype) is a CheckpointError naming the HF
+        tensor, unless `allow_non_finite`.
         """
         names = sorted(self.entries, key=lambda n: (self.reader.file[n].name, n))
         for name in tqdm(names, desc=f"{self.reader.dir.name}", unit="tensor", disable=not progress):
             array = self.reader.read(name)
             for entry in self.entries[name]:
-                shape = self.shapes[entry.path][len(entry.index):]
-                yield entry, entry.rule.to_ours(array, shape).astype(self.dtypes[entry.path], copy=False)
+                shape, dtype = self.shapes[entry.path][len(entry.index):], self.dtypes[entry.path]
+                with np.errstate(over="ignore"):  # an overflowing cast is reported just below
+                    block = entry.rule.to_ours(array, shape).astype(dtype, copy=False)
+                cast = "" if dtype == array.dtype else f" (after the cast to {dtype.name})"
+                check_finite(block, name + cast, self.reader.file[name], allow_non_finite)
+                yield entry, block
 
 
 def write_safetensors(file: Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
@@ -220,6 +372,11 @@ def _tree_key(path: ParamPath) -> tuple[str, ...]:
     return (*map(str, path), "value")
 
 
+def param_name(path: ParamPath) -> str:
+    """A param's name in messages and in checksums.json: its dotted key path in the saved state."""
+    return ".".join(_tree_key(path))
+
+
 def _chunks(shape: tuple[int, ...], n_index: int, itemsize: int) -> list[int]:
     """Zarr chunk shape: 1 along the `n_index` stack axes, the block halved until <= 256 MiB."""
     chunks = [1] * n_index + list(shape[n_index:])
@@ -234,6 +391,7 @@ class OrbaxWriter:
 
     `n_index[path]` is the number of leading stack axes one block write covers (0 for global
     params), so every block covers whole chunks and no chunk is read back or held in memory.
+    The crc32 of every block is kept, in the C order of the blocks, for checksums.json.
     """
 
     def __init__(self, state_dir: Path, shapes: dict[ParamPath, tuple[int, ...]],
@@ -241,6 +399,7 @@ class OrbaxWriter:
         self.dir, self.shapes = Path(state_dir), shapes
         self.dir.mkdir(parents=True)
         self.stores = {}
+        self.crcs = {p: [None] * math.prod(shape[:n_index[p]]) for p, shape in shapes.items()}
         for path, shape in shapes.items():
             self.stores[path] = ts.open({
                 "driver": "zarr",
@@ -250,11 +409,13 @@ class OrbaxWriter:
             }, create=True, dtype=ts.dtype(dtypes[path].name)).result()
 
     def write(self, path: ParamPath, index: tuple[int, ...], block: np.ndarray) -> None:
-        """Write `block` into `param[index]` on disk."""
+        """Write `block` into `param[index]` on disk and keep its crc32."""
         self.stores[path][index].write(block).result()
+        self.crcs[path][np.ravel_multi_index(index, self.shapes[path][:len(index)]) if index else 0] = crc32(block)
 
-    def finish(self) -> None:
-        """Write Orbax's tree metadata (`_METADATA`), which makes `state/` restorable."""
+    def finish(self) -> dict[str, list[int]]:
+        """Write Orbax's tree metadata (`_METADATA`), which makes `state/` restorable; returns the
+        checksums {param name: crc32 of each block} for checksums.json."""
         tree = {}
         for path, shape in self.shapes.items():
             key = _tree_key(path)
@@ -266,6 +427,7 @@ class OrbaxWriter:
         meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
         (self.dir / "_METADATA").write_text(json.dumps(meta))
+        return {param_name(p): crcs for p, crcs in self.crcs.items()}
 
 
 class OrbaxReader:
@@ -277,9 +439,12 @@ class OrbaxReader:
         meta_file = self.dir / "_METADATA"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.dir}: not an Orbax checkpoint (no _METADATA)")
-        meta = json.loads(meta_file.read_text())
-        self.use_ocdbt, self.use_zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
-        self.names = {tuple(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
+        meta = parse_json(meta_file.read_bytes(), meta_file, CheckpointError)
+        try:
+            self.use_ocdbt, self.use_zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+            self.names = {tuple(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
+        except (AttributeError, KeyError, TypeError):
+            raise CheckpointError(f"{meta_file}: not Orbax tree metadata (no tree_metadata / key_metadata)") from None
         self.stores: dict[ParamPath, ts.TensorStore] = {}
 
     def check(self, shapes: dict[ParamPath, tuple[int, ...]]) -> None:
@@ -304,13 +469,26 @@ class OrbaxReader:
             name = ".".join(key)
             kvstore = ({"driver": "ocdbt", "base": f"file://{self.dir}", "path": name} if self.use_ocdbt
                        else {"driver": "file", "path": str(self.dir / name)})
-            self.stores[path] = ts.open({"driver": "zarr3" if self.use_zarr3 else "zarr",
-                                         "kvstore": kvstore}, open=True).result()
+            try:
+                self.stores[path] = ts.open({"driver": "zarr3" if self.use_zarr3 else "zarr",
+                                             "kvstore": kvstore}, open=True).result()
+            except ValueError as e:
+                raise self._unreadable(path, e) from None
         return self.stores[path]
 
     def read(self, path: ParamPath, index: tuple[int, ...]) -> np.ndarray:
         """`param[index]` of the param at `path`, in its stored dtype."""
-        return self.store(path)[index].read().result()
+        store = self.store(path)
+        try:
+            return store[index].read().result()
+        except ValueError as e:
+            raise self._unreadable(path, e) from None
+
+    def _unreadable(self, path: ParamPath, error: Exception) -> CheckpointError:
+        """The error for a param whose files TensorStore cannot open or decode."""
+        where = self.dir if self.use_ocdbt else self.dir / param_name(path)
+        return CheckpointError(f"{where}: cannot read param {param_name(path)} (corrupt or missing data): "
+                               f"{str(error).splitlines()[0][:300]}")
 
 
 # ----- directories -----------------------------------------------------------------------------
@@ -324,7 +502,10 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     if out.exists():
         raise CheckpointError(f"output {out} already exists; remove it or choose another path")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create output {out} in {out.parent}: {e.strerror or e}") from None
     try:
         yield tmp
     except BaseException:
@@ -346,15 +527,19 @@ def is_orbax_dir(path: Path) -> bool:
     return (Path(path) / STATE_DIR).exists() or (Path(path) / MARKER).exists()
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxForCausalLM:
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", verify: bool = True,
+               allow_non_finite: bool = False) -> MiniMaxForCausalLM:
     """Load a `MiniMaxForCausalLM` from an HF directory or one of our Orbax checkpoints.
 
     Params are cast to `dtype` ("float32" | "bfloat16" | "float16"), which also becomes the
     config's `dtype` and `param_dtype`; they live on the default device. Calling the model
-    as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`.
+    as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`. Our checkpoints' params are
+    checked against their checksums.json unless `verify=False`; NaN / Inf in any param is
+    refused unless `allow_non_finite`. A broken checkpoint is a CheckpointError naming the file
+    (a ConfigError for its config.json, or when the params cannot fit in the device memory).
     """
     path = Path(path)
-    parse_dtype(dtype)
+    target = parse_dtype(dtype)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     orbax = is_orbax_dir(path)
@@ -363,35 +548,55 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> MiniMaxFor
     cfg = MiniMaxConfig.from_hf_config(path, dtype=dtype, param_dtype=dtype)
     model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
     abstract = nnx.state(model, nnx.Param)
+    shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract)}
+    require_memory(sum(math.prod(s) for s in shapes.values()) * target.itemsize,
+                   f"loading the {cfg.num_hidden_layers}-layer model in {path} as {dtype}")
     if orbax:
-        OrbaxReader(path / STATE_DIR).check({p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract)})
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-        with ocp.StandardCheckpointer() as checkpointer:
-            state = checkpointer.restore((path / STATE_DIR).absolute(), target)
+        arrays = _read_orbax(path, shapes, target, verify, allow_non_finite)
     else:
-        plan = HFPlan(path, cfg, DTYPES[dtype])
-        arrays = {p: np.empty(shape, DTYPES[dtype]) for p, shape in plan.shapes.items()}
-        for entry, block in plan.blocks():
+        plan = HFPlan(path, cfg, target)
+        arrays = {p: np.empty(shape, target) for p, shape in plan.shapes.items()}
+        for entry, block in plan.blocks(allow_non_finite=allow_non_finite):
             arrays[entry.path][entry.index] = block
-        state = nnx.from_flat_state(
-            [(p, v.replace(jnp.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
-        )
+    state = nnx.from_flat_state(
+        [(p, v.replace(jnp.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
+    )
     nnx.update(model, state)
     return model
 
 
+def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtype: np.dtype, verify: bool,
+                allow_non_finite: bool) -> dict[ParamPath, jax.Array]:
+    """{path: param on the default device, cast to `dtype`} of our checkpoint `ckpt`, read one
+    param at a time and checked (in its stored dtype) against checksums.json when `verify`
+    and for NaN / Inf unless `allow_non_finite`."""
+    reader = OrbaxReader(ckpt / STATE_DIR)
+    reader.check(shapes)
+    checksums = read_checksums(ckpt) if verify else {}
+    arrays = {}
+    for path in shapes:
+        stored = reader.read(path, ())
+        if verify:
+            verify_tensor(param_name(path), stored, checksums, ckpt)
+        check_finite(stored, param_name(path), ckpt, allow_non_finite)
+        arrays[path] = jnp.asarray(stored.astype(dtype, copy=False))
+    return arrays
+
+
 def save_model(model: MiniMaxForCausalLM, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Save a live model as a checkpoint that `load_model` reads (Orbax params, config.json, the
-    tokenizer's file, the completion marker written last). An existing checkpoint at `path` is
-    replaced only once the new one is complete. Returns the path."""
+    tokenizer's file, checksums.json, the completion marker written last). An existing
+    checkpoint at `path` is replaced only once the new one is complete. Returns the path."""
     out = Path(path).absolute()
     staging = out.parent / f"{out.name}.new"
     if staging.exists():
         shutil.rmtree(staging)
+    state = nnx.state(model, nnx.Param)
     with atomic_directory(staging) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((tmp / STATE_DIR).absolute(), nnx.state(model, nnx.Param))
+        checkpointer.save((tmp / STATE_DIR).absolute(), state)
+        write_checksums(tmp, {param_name(p): [crc32(np.asarray(jax.device_get(v[...])))]
+                              for p, v in nnx.to_flat_state(state)})
         checkpointer.wait_until_finished()
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
         if tokenizer is not None:

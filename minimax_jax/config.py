@@ -192,69 +192,32 @@ class MiniMaxConfig:
         Remote layout: `attn_type_list` (0 lightning, 1 softmax), `layernorm_*_alpha|beta`,
         `rotary_dim`, `rope_theta`. Native layout: `layer_types`, `*_alpha_factor|_beta_factor`,
         `rope_parameters` (with `rope_theta`, optional `partial_rotary_factor`). A VL config's
-        `text_config` is used when present. `extra` sets our own fields (dtype, ...).
+        `text_config` is used when present. `extra` sets our own fields (dtype, ...). Any problem
+        is a ConfigError naming the file (or "HF config" for a dict) and the key.
         """
+        where = "HF config"
         if not isinstance(hf, Mapping):
             p = Path(hf)
             if p.is_dir():
                 p = p / "config.json"
             if not p.is_file():
                 raise ConfigError(f"missing config: {p} does not exist")
-            hf = json.loads(p.read_text())
+            where, hf = str(p), parse_json(p.read_bytes(), p)
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object at the top level")
         if "text_config" in hf:
             hf = hf["text_config"]
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in hf:
-                raise ConfigError(f"HF config lacks required key {key!r}")
-        n_layers = int(hf["num_hidden_layers"])
-        n_heads = int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-        if "layer_types" in hf:
-            layer_types = list(hf["layer_types"])
-        elif "attn_type_list" in hf:
-            layer_types = [FULL if int(t) == 1 else LINEAR for t in hf["attn_type_list"]]
-        else:
-            raise ConfigError("HF config has neither 'layer_types' nor 'attn_type_list'")
-        rope = hf.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-        if hf.get("rotary_dim"):
-            rotary_dim = int(hf["rotary_dim"])
-        else:
-            factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-            rotary_dim = int(factor * head_dim) if factor else head_dim
-
-        def alpha_beta(native: str, remote: str) -> float:
-            return float(hf.get(native, hf.get(remote, 1.0)))
-
-        values = dict(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads", n_heads)),
-            head_dim=int(head_dim),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_local_experts=int(hf.get("num_local_experts", hf.get("num_experts", 1))),
-            num_experts_per_tok=int(hf.get("num_experts_per_tok", 1)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rotary_dim=rotary_dim,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 10_240_000)),
-            layer_types=layer_types,
-            block_size=int(hf.get("block_size", 256)),
-            linear_attn_alpha_factor=alpha_beta("linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
-            linear_attn_beta_factor=alpha_beta("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
-            full_attn_alpha_factor=alpha_beta("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
-            full_attn_beta_factor=alpha_beta("full_attn_beta_factor", "layernorm_full_attention_beta"),
-            mlp_alpha_factor=alpha_beta("mlp_alpha_factor", "layernorm_mlp_alpha"),
-            mlp_beta_factor=alpha_beta("mlp_beta_factor", "layernorm_mlp_beta"),
-            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-        )
+        try:
+            values = _hf_values(hf, where)
+        except KeyError as e:
+            raise ConfigError(f"{where}: lacks required key {e.args[0]!r}") from None
         if hf.get("tie_word_embeddings"):
-            raise ConfigError("tie_word_embeddings=true is not a MiniMax-01 layout (lm_head is untied)")
+            raise ConfigError(f"{where}: tie_word_embeddings=true is not a MiniMax-01 layout (lm_head is untied)")
         values.update(extra)
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """An HF `config.json` for this model: native field names plus the remote ones.
@@ -306,6 +269,88 @@ class MiniMaxConfig:
         }
 
 
+def _number(value: Any, key: str, kind: type, where: str) -> Any:
+    """`value` as `kind` (int or float) if it is a JSON number (an integral one for int);
+    otherwise a ConfigError naming `where` and `key`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and not float(value).is_integer()):
+        raise ConfigError(f"{where}: {key}={value!r} is not a valid {kind.__name__}")
+    return kind(value)
+
+
+def _hf_values(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Our config fields from an HF config mapping (see `MiniMaxConfig.from_hf_config`).
+
+    A missing required key raises KeyError(key); a value of the wrong type a ConfigError."""
+
+    def get(key: str, kind: type, default: Any = None, *, fallback: str | None = None) -> Any:
+        if key in hf:
+            return _number(hf[key], key, kind, where)
+        if fallback is not None and fallback in hf:
+            return _number(hf[fallback], fallback, kind, where)
+        if default is None:
+            raise KeyError(key)
+        return kind(default)
+
+    n_heads = get("num_attention_heads", int)
+    head_dim = get("head_dim", int) if hf.get("head_dim") else get("hidden_size", int) // n_heads
+    if "layer_types" in hf:
+        layer_types = hf["layer_types"]
+        if not isinstance(layer_types, list):
+            raise ConfigError(f"{where}: layer_types={layer_types!r} is not a list")
+    elif "attn_type_list" in hf:
+        kinds = hf["attn_type_list"]
+        if not isinstance(kinds, list) or any(t not in (0, 1) for t in kinds):
+            raise ConfigError(f"{where}: attn_type_list={kinds!r} is not a list of 0 (lightning) / 1 (softmax)")
+        layer_types = [FULL if t == 1 else LINEAR for t in kinds]
+    else:
+        raise ConfigError(f"{where}: has neither 'layer_types' nor 'attn_type_list'")
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, Mapping):
+        raise ConfigError(f"{where}: rope_parameters={rope!r} is not an object")
+    theta = _number(rope["rope_theta"], "rope_parameters.rope_theta", float, where) if "rope_theta" in rope \
+        else get("rope_theta", float, 10_000.0)
+    if hf.get("rotary_dim"):
+        rotary_dim = get("rotary_dim", int)
+    else:
+        factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        rotary_dim = int(_number(factor, "partial_rotary_factor", float, where) * head_dim) if factor else head_dim
+    return dict(
+        vocab_size=get("vocab_size", int),
+        hidden_size=get("hidden_size", int),
+        num_hidden_layers=get("num_hidden_layers", int),
+        num_attention_heads=n_heads,
+        num_key_value_heads=get("num_key_value_heads", int, n_heads),
+        head_dim=head_dim,
+        intermediate_size=get("intermediate_size", int),
+        num_local_experts=get("num_local_experts", int, 1, fallback="num_experts"),
+        num_experts_per_tok=get("num_experts_per_tok", int, 1),
+        rms_norm_eps=get("rms_norm_eps", float, 1e-5),
+        rope_theta=theta,
+        rotary_dim=rotary_dim,
+        max_position_embeddings=get("max_position_embeddings", int, 10_240_000),
+        layer_types=layer_types,
+        block_size=get("block_size", int, 256),
+        linear_attn_alpha_factor=get("linear_attn_alpha_factor", float, 1.0, fallback="layernorm_linear_attention_alpha"),
+        linear_attn_beta_factor=get("linear_attn_beta_factor", float, 1.0, fallback="layernorm_linear_attention_beta"),
+        full_attn_alpha_factor=get("full_attn_alpha_factor", float, 1.0, fallback="layernorm_full_attention_alpha"),
+        full_attn_beta_factor=get("full_attn_beta_factor", float, 1.0, fallback="layernorm_full_attention_beta"),
+        mlp_alpha_factor=get("mlp_alpha_factor", float, 1.0, fallback="layernorm_mlp_alpha"),
+        mlp_beta_factor=get("mlp_beta_factor", float, 1.0, fallback="layernorm_mlp_beta"),
+        router_aux_loss_coef=get("router_aux_loss_coef", float, 0.001),
+        initializer_range=get("initializer_range", float, 0.02),
+    )
+
+
+def parse_json(text: str | bytes, where: str | Path, error: type[ValueError] = ConfigError) -> Any:
+    """`text` parsed as JSON; invalid JSON raises `error` naming `where`, the line and the column."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        at = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise error(f"{where}: invalid JSON{at}: {getattr(e, 'msg', e)}") from None
+
+
 def coerce_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check each value against the dataclass field's type, converting where YAML is loose
     (`1e-3` reads as a string, `3` where a float is meant); a wrong type is a ConfigError."""
@@ -333,7 +378,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw

@@ -1,14 +1,16 @@
 """Convert MiniMax-01 weights between HF safetensors and our Orbax checkpoints, streaming.
 
-    python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16]
-    python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2]
+    python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16] [--allow-non-finite]
+    python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2] [--no-verify]
 
 Both directions go through the one table of `hf_names` and hold one tensor at a time. Memory
 bound: peak RSS <= (the same conversion of a tiny model) + 4 x the largest single tensor + 64 MiB,
 whatever the number of layers, experts or shards (the tensor as read, its dtype cast, and
 tensorstore's chunk copy and encode buffer; measured 2.8x for a 98 MiB tensor). For
 MiniMax-Text-01 in bfloat16 the largest tensor is embed_tokens / lm_head, 2.3 GiB. Outputs are built in a temporary sibling directory and
-renamed into place at the end, so an interrupted conversion leaves nothing that loads.
+renamed into place at the end, so an interrupted conversion leaves nothing that loads. Our
+checkpoints record a crc32 per written block (`checksums.json`), which the export and
+`load_model` check; NaN / Inf weights are refused in both directions unless allowed.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from minimax_jax.checkpoint import (
-    INDEX_FILE, MARKER, STATE_DIR, CheckpointError, HFPlan, OrbaxReader, OrbaxWriter,
-    atomic_directory, copy_aux_files, param_shapes, parse_dtype, write_safetensors,
+    INDEX_FILE, MARKER, STATE_DIR, CheckpointError, ChecksumVerifier, HFPlan, OrbaxReader, OrbaxWriter,
+    atomic_directory, check_finite, copy_aux_files, param_name, param_shapes, parse_dtype,
+    read_checksums, write_checksums, write_safetensors,
 )
 from minimax_jax.config import ConfigError, MiniMaxConfig
-from minimax_jax.hf_names import REMOTE, Entry, expected_entries
+from minimax_jax.hf_names import REMOTE, Entry, ParamPath, expected_entries
 
 
 def _log(message: str) -> None:
@@ -37,13 +40,18 @@ def _log(message: str) -> None:
 
 
 def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, allow_non_finite: bool = False) -> Path:
     """Convert an HF directory (either layout, sharded or not) to our Orbax checkpoint at `out`.
 
     dtype: "float32" | "bfloat16" | "float16", or None to keep each tensor's dtype. Copies the
-    tokenizer files; writes `config.json` from the parsed config. Returns `out`.
+    tokenizer files; writes `config.json` from the parsed config and `checksums.json` (crc32 of
+    every written block). A tensor with NaN / Inf is an error unless `allow_non_finite`.
+    Returns `out`.
     """
     hf_dir, target = Path(hf_dir), parse_dtype(dtype)
+    if not hf_dir.is_dir():
+        problem = "is not a directory" if hf_dir.exists() else "does not exist"
+        raise CheckpointError(f"HF directory {hf_dir} {problem} (expected config.json and *.safetensors in one)")
     cfg = MiniMaxConfig.from_hf_config(hf_dir)
     plan = HFPlan(hf_dir, cfg, target)
     n_index = {e.path: len(e.index) for es in plan.entries.values() for e in es}
@@ -51,9 +59,9 @@ def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None
          f"{len(set(plan.reader.file.values()))} file(s)) from {hf_dir} to {out}")
     with atomic_directory(Path(out)) as tmp:
         writer = OrbaxWriter(tmp / STATE_DIR, plan.shapes, plan.dtypes, n_index)
-        for entry, block in plan.blocks(progress):
+        for entry, block in plan.blocks(progress, allow_non_finite):
             writer.write(entry.path, entry.index, block)
-        writer.finish()
+        write_checksums(tmp, writer.finish())
         stored = cfg.replace(param_dtype=plan.dtypes[("embed_tokens",)].name)
         (tmp / "config.json").write_text(json.dumps(stored.to_hf_config(), indent=2))
         copied = copy_aux_files(hf_dir, tmp)
@@ -70,12 +78,15 @@ def _natural_key(name: str) -> list[int | str]:
 
 
 def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
-                max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+                max_shard_bytes: int = 2 << 30, progress: bool = True, verify: bool = True,
+                allow_non_finite: bool = False) -> Path:
     """Export our Orbax checkpoint `ckpt` to an HF directory at `out` in the remote layout.
 
     Shards `model-XXXXX-of-YYYYY.safetensors` of at most `max_shard_bytes` (a larger tensor
     gets a shard of its own) plus `model.safetensors.index.json`, `config.json` (written last)
-    and the tokenizer files. dtype as in `hf_to_orbax`. Returns `out`.
+    and the tokenizer files. dtype as in `hf_to_orbax`. Every param is checked against the
+    checkpoint's checksums.json as it is read (unless `verify=False`) and every exported tensor
+    for NaN / Inf (unless `allow_non_finite`). Returns `out`.
     """
     ckpt, target = Path(ckpt), parse_dtype(dtype)
     if not (ckpt / MARKER).is_file():
@@ -85,6 +96,8 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     entries: list[Entry] = [es[0] for _, es in sorted(expected_entries(cfg, REMOTE).items(),
                                                         key=lambda kv: _natural_key(kv[0]))]
     reader.check(param_shapes(cfg))
+    checksums = read_checksums(ckpt) if verify else {}
+    verifiers: dict[ParamPath, ChecksumVerifier] = {}
     specs = []
     for e in entries:
         dt = target if target is not None else np.dtype(reader.store(e.path).dtype.numpy_dtype)
@@ -103,7 +116,12 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     def tensors(ids: list[int]) -> Iterator[np.ndarray]:
         for i in ids:
             e = entries[i]
-            yield e.rule.to_hf(reader.read(e.path, e.index), cfg).astype(specs[i][2], copy=False)
+            block = reader.read(e.path, e.index)
+            if verify:
+                verifiers.setdefault(e.path, _verifier(e.path, reader, checksums, ckpt)).update(block)
+            tensor = e.rule.to_hf(block, cfg).astype(specs[i][2], copy=False)
+            check_finite(tensor, e.hf_name, ckpt, allow_non_finite)
+            yield tensor
             bar.update()
 
     weight_map = {}
@@ -113,6 +131,8 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
             file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
             write_safetensors(tmp / file, [specs[i] for i in ids], tensors(ids))
             weight_map.update({specs[i][0]: file for i in ids})
+        for verifier in verifiers.values():
+            verifier.finish()
         (tmp / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2))
         copy_aux_files(ckpt, tmp)
@@ -122,8 +142,15 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     return Path(out)
 
 
+def _verifier(path: ParamPath, reader: OrbaxReader, checksums: dict[str, list[int]], ckpt: Path) -> ChecksumVerifier:
+    """A checksum verifier for the param at `path`, to be fed its blocks in C order."""
+    store = reader.store(path)
+    nbytes = math.prod(store.shape) * np.dtype(store.dtype.numpy_dtype).itemsize
+    return ChecksumVerifier(param_name(path), nbytes, checksums, ckpt)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; user errors print one line `error: ...` and return 1."""
+    """CLI entry point; user errors print one line `error: ...` (the traceback with --debug) and return 1."""
     parser = argparse.ArgumentParser(prog="python -m minimax_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", help="HF directory to convert (config.json + *.safetensors)")
     parser.add_argument("--to-hf", action="store_true", help="export --ckpt to an HF directory instead")
@@ -132,18 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
     parser.add_argument("--max-shard-gib", type=float, default=2.0, help="HF shard size bound (with --to-hf)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-verify", action="store_true", help="do not check --ckpt against its checksums.json")
+    parser.add_argument("--allow-non-finite", action="store_true", help="convert weights holding NaN / Inf")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         if args.to_hf:
             if not args.ckpt:
                 raise CheckpointError("--to-hf needs --ckpt CKPT")
             orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
-                        max_shard_bytes=int(args.max_shard_gib * (1 << 30)))
+                        max_shard_bytes=int(args.max_shard_gib * (1 << 30)), verify=not args.no_verify,
+                        allow_non_finite=args.allow_non_finite)
         else:
             if not args.hf_dir:
                 raise CheckpointError("give --hf-dir HF (or --to-hf --ckpt CKPT)")
-            hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.no_progress)
-    except (CheckpointError, ConfigError) as e:
+            hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.no_progress,
+                        allow_non_finite=args.allow_non_finite)
+    except (CheckpointError, ConfigError, OSError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -23,8 +23,9 @@ from safetensors.numpy import load_file, save_file
 
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.checkpoint import (
-    MARKER, STATE_DIR, CheckpointError, HFReader, OrbaxReader, load_model, param_shapes,
+    MARKER, STATE_DIR, CheckpointError, HFReader, OrbaxReader, load_model, param_shapes, save_model,
 )
+from minimax_jax.config import ConfigError
 from minimax_jax.convert import hf_to_orbax, orbax_to_hf
 from minimax_jax.hf_names import IGNORED, NATIVE, REMOTE, expected_entries
 
@@ -419,3 +420,179 @@ def test_killed_conversion_leaves_nothing_loadable(many_shards, tmp_path):
         load_model(partial[0])
     with pytest.raises(CheckpointError):
         load_model(out)
+
+
+def flip_bytes(file: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of `file` (silent corruption of its data)."""
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    file.write_bytes(bytes(data))
+
+
+def convert_main(capsys, *args: str) -> tuple[int, str]:
+    """(exit code, its `error: ...` line or "") of the conversion CLI run in this process,
+    asserting that it printed at most one error line and no traceback."""
+    from minimax_jax.convert import main
+
+    code = main([*args, "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) <= 1, err
+    return code, errors[0] if errors else ""
+
+
+def test_corrupt_byte_in_checkpoint_data_is_named(dirs, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dirs["ckpt"], ckpt)
+    tensors = json.loads((ckpt / "checksums.json").read_text())["tensors"]
+    assert len(tensors["blocks.layers.0.block_sparse_moe.w1.value"]) == 2 * 4  # one crc32 per written block
+    target = ckpt / STATE_DIR / "blocks.layers.1.block_sparse_moe.w2.value"
+    flip_bytes(max((f for f in target.iterdir() if f.name[0].isdigit()), key=lambda f: f.stat().st_size))
+    with pytest.raises(CheckpointError, match=f"{ckpt}: tensor blocks.layers.1.block_sparse_moe.w2.value "
+                                              "does not match its checksum"):
+        load_model(ckpt)
+    load_model(ckpt, verify=False, allow_non_finite=True)  # the escape hatches load it as it is
+    code, err = convert_main(capsys, "--to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert code == 1 and "tensor blocks.layers.1.block_sparse_moe.w2.value does not match" in err
+    assert not (tmp_path / "hf").exists()
+    # a model saved by save_model (Orbax's own OCDBT files) is checked as well
+    saved = tmp_path / "saved"
+    save_model(load_model(dirs["ckpt"]), saved)
+    flip_bytes(max((f for f in (saved / STATE_DIR).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size))
+    with pytest.raises(CheckpointError, match=f"{saved}: tensor .* does not match its checksum"):
+        load_model(saved)
+
+
+def test_non_finite_weights_are_refused_unless_allowed(dirs, tmp_path, capsys):
+    name = "model.layers.2.block_sparse_moe.experts.1.w3.weight"
+
+    def edit(t):
+        t[name][3, 5] = np.nan
+
+    bad = broken_copy(dirs["remote"], tmp_path / "nan", edit)
+    with pytest.raises(CheckpointError, match=f"tensor {re.escape(name)} has 1 non-finite value"):
+        load_model(bad)
+    code, err = convert_main(capsys, "--hf-dir", str(bad), "--out", str(tmp_path / "out"))
+    assert code == 1 and name in err and "--allow-non-finite" in err
+    assert not (tmp_path / "out").exists()
+    code, _ = convert_main(capsys, "--hf-dir", str(bad), "--out", str(tmp_path / "out"), "--allow-non-finite")
+    assert code == 0
+    with pytest.raises(CheckpointError, match="tensor blocks.layers.2.block_sparse_moe.w3.value has 1 non-finite"):
+        load_model(tmp_path / "out")
+    model = load_model(tmp_path / "out", allow_non_finite=True)
+    assert np.isnan(model.blocks.layers[2].block_sparse_moe.w3[0, 1]).sum() == 1
+    # a cast that overflows counts too
+    with pytest.raises(CheckpointError, match="after the cast to float16"):
+        hf_to_orbax(broken_copy(dirs["remote"], tmp_path / "big", lambda t: t[name].__setitem__((0, 0), 1e6)),
+                    tmp_path / "half", dtype="float16", progress=False)
+
+
+@pytest.mark.parametrize("entry", ["../x.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_pointing_outside_the_directory_is_refused(dirs, tmp_path, entry):
+    hf = tmp_path / "hf"
+    shutil.copytree(dirs["native"], hf)
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = entry
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"entry model.norm.weight -> {re.escape(entry)} points outside {hf}"):
+        load_model(hf)
+
+
+def _write_header(file: Path, edit) -> None:
+    """Rewrite the JSON header of safetensors `file` after `edit(header dict)`."""
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    file.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+BAD_HF_INPUTS = {
+    "invalid config.json": (lambda d: (d / "config.json").write_text('{"vocab_size": 128,'),
+                            r"config.json: invalid JSON at line 1 column \d+"),
+    "num_hidden_layers: eight": (
+        lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()), "num_hidden_layers": "eight"})),
+        "config.json: num_hidden_layers='eight' is not a valid int"),
+    "header without data_offsets": (
+        lambda d: _write_header(d / "model.safetensors", lambda h: h["lm_head.weight"].pop("data_offsets")),
+        "model.safetensors: tensor lm_head.weight has a malformed header entry"),
+    "header not JSON": (lambda d: (d / "model.safetensors").write_bytes((8).to_bytes(8, "little") + b"{nojson}" + bytes(64)),
+                        r"model.safetensors \(safetensors header\): invalid JSON"),
+    "broken index": (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": '),
+                     "model.safetensors.index.json: invalid JSON"),
+    "index without weight_map": (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+                                 "model.safetensors.index.json: expected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HF_INPUTS))
+def test_bad_conversion_inputs_are_one_line_errors(dirs, tmp_path, capsys, case):
+    edit, message = BAD_HF_INPUTS[case]
+    hf = tmp_path / "hf"
+    shutil.copytree(dirs["native" if "index" in case else "remote"], hf)
+    edit(hf)
+    code, err = convert_main(capsys, "--hf-dir", str(hf), "--out", str(tmp_path / "out"))
+    assert code == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises((CheckpointError, ConfigError), match=message):
+        load_model(hf)
+
+
+def test_bad_paths_are_one_line_errors_and_debug_shows_the_traceback(dirs, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    code, err = convert_main(capsys, "--hf-dir", str(a_file), "--out", str(tmp_path / "out"))
+    assert code == 1 and err == f"error: HF directory {a_file} is not a directory (expected config.json and *.safetensors in one)"
+    code, err = convert_main(capsys, "--hf-dir", str(dirs["remote"]), "--out", str(a_file / "out"))
+    assert code == 1 and f"cannot create output {a_file / 'out'}" in err
+    with pytest.raises(CheckpointError, match="cannot create output"):
+        convert_main(capsys, "--hf-dir", str(dirs["remote"]), "--out", str(a_file / "out"), "--debug")
+
+
+def test_broken_orbax_checkpoints_raise_checkpoint_errors_naming_the_file(dirs, tmp_path):
+    cases = {
+        "no checksums": (lambda c: (c / "checksums.json").unlink(), "no checksums.json"),
+        "checksums not JSON": (lambda c: (c / "checksums.json").write_text("{"), "checksums.json: invalid JSON"),
+        "checksum missing": (lambda c: (c / "checksums.json").write_text('{"tensors": {}}'),
+                             "checksums.json has no checksum for tensor"),
+        "metadata not JSON": (lambda c: (c / STATE_DIR / "_METADATA").write_text("[1,"), "_METADATA: invalid JSON"),
+        "metadata wrong": (lambda c: (c / STATE_DIR / "_METADATA").write_text("{}"), "_METADATA: not Orbax tree metadata"),
+        "param files gone": (lambda c: shutil.rmtree(c / STATE_DIR / "norm.scale.value"),
+                             "norm.scale.value: cannot read param norm.scale.value"),
+    }
+    for case, (edit, message) in cases.items():
+        ckpt = tmp_path / case.replace(" ", "_")
+        shutil.copytree(dirs["ckpt"], ckpt)
+        edit(ckpt)
+        with pytest.raises(CheckpointError, match=message) as err:
+            load_model(ckpt)
+        assert str(ckpt) in str(err.value) and "\n" not in str(err.value), case
+    load_model(tmp_path / "no_checksums", verify=False)
+
+
+def test_a_model_larger_than_the_memory_is_refused_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MiniMaxConfig().to_hf_config()))  # MiniMax-Text-01, no weights
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"loading the 80-layer model .* needs 849\.\d GiB but .* GiB are available"):
+        load_model(tmp_path, dtype="bfloat16")
+    assert time.monotonic() - start < 10
+
+
+def test_checksums_hold_whatever_blocks_the_bytes_arrive_in(rng, monkeypatch):
+    from minimax_jax import checkpoint
+
+    monkeypatch.setattr(checkpoint, "SCAN_BYTES", 96)  # many small pieces, splitting rows too
+    array = rng.standard_normal((6, 5, 7)).astype(np.float32)
+    assert checkpoint.crc32(array.transpose(1, 0, 2)) == checkpoint.crc32(np.ascontiguousarray(array.transpose(1, 0, 2)))
+    sums = {"t": [checkpoint.crc32(array[i]) for i in range(6)]}
+    checkpoint.verify_tensor("t", array, sums, "ckpt")  # one block covering every part
+    verifier = checkpoint.ChecksumVerifier("t", array.nbytes, sums, "ckpt")
+    for i, j in np.ndindex(6, 5):  # blocks finer than the parts
+        verifier.update(array[i, j])
+    verifier.finish()
+    array[4, 2, 3] += 1
+    with pytest.raises(CheckpointError, match=r"ckpt: tensor t does not match its checksum in checksums.json \(part 5 of 6\)"):
+        checkpoint.verify_tensor("t", array, sums, "ckpt")

@@ -71,3 +71,18 @@ def test_split_is_deterministic_and_non_empty():
     assert len(val) == 2 and len(train) == 98
     with pytest.raises(ValueError, match="at least 2 documents"):
         split_indices(1, 0.5)
+
+
+def test_broken_documents_are_named_with_file_and_line(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n\n{"text": "two"\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'docs.jsonl'} line 3: invalid JSON"):
+        DocumentSource([tmp_path / "docs.jsonl"])
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'docs.jsonl'} line 2: expected a JSON object with a string 'text'"):
+        DocumentSource([tmp_path / "docs.jsonl"])
+    pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "rows.parquet")
+    with pytest.raises(ValueError, match=r"rows.parquet: no 'text' column \(columns: \['body'\]\)"):
+        DocumentSource([tmp_path / "rows.parquet"])
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="junk.parquet: not a readable parquet file"):
+        DocumentSource([tmp_path / "junk.parquet"])

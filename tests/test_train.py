@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import pytest
 from flax import nnx
 
 from minimax_jax import load_model
+from minimax_jax.checkpoint import CheckpointError
 from minimax_jax.config import ConfigError
 from minimax_jax.training.config import load_train_config
 from minimax_jax.training.loop import NonFiniteLoss, build_model, run
@@ -207,3 +212,79 @@ def test_mesh_training_matches_single_device(corpus, tmp_path):
     want, got = _losses(single), _losses(meshed)
     assert sorted(got) == [1, 2]
     np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-5)
+
+
+def _flip_middle_bytes(file: Path, count: int = 64) -> None:
+    data = bytearray(file.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    file.write_bytes(bytes(data))
+
+
+def test_resume_verifies_checksums_removes_unfinished_saves_and_logs_each_step_once(corpus, tmp_path, caplog):
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    config = lambda: load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, run_dir, steps=4))  # noqa: E731
+    run(*config())
+    want = _losses(run_dir)
+    _flip_middle_bytes(max((f for f in (ckpts / "4" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size))
+    (ckpts / "6.orbax-checkpoint-tmp-1733011200").mkdir()  # what a save killed before it finished leaves
+    with (run_dir / "metrics.jsonl").open("a") as f:  # records of a killed run past the newest checkpoint
+        f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
+    caplog.set_level(logging.INFO, logger="minimax_jax.training")
+    summary = run(*config())
+    assert re.search(rf"{ckpts / '4'}: tensor \S+ does not match its checksum", caplog.text)
+    assert "trying an older one" in caplog.text and (ckpts / "4.unreadable").is_dir()
+    assert f"removed {ckpts / '6.orbax-checkpoint-tmp-1733011200'}" in caplog.text
+    assert not list(ckpts.glob("*.orbax-checkpoint-tmp*"))
+    assert summary["steps"] == 4 and _losses(run_dir) == want  # steps 3-4 re-run from step 2, identically
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    shutil.rmtree(ckpts / "4" / "checksums")
+    with pytest.raises(CheckpointError, match=f"{ckpts / '4'} has no checksums.*--no-verify"):
+        run(*config())
+    assert run(*config(), verify=False)["steps"] == 4
+
+
+def _train_main(capsys, *args: str) -> tuple[int, str]:
+    """(exit code, its `error: ...` line or "") of train.py's main run in this process,
+    asserting at most one error line and no traceback."""
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(list(args))
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in out.err + out.out and len(errors) <= 1, out.err
+    return code, errors[0] if errors else ""
+
+
+def test_bad_training_inputs_are_one_line_errors(corpus, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("steps: [1\nmodel: {}\n")
+    (tmp_path / "eight.yaml").write_text('model:\n  num_hidden_layers: "eight"\n')
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": \n{"text": "three"}\n')
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "broken_ckpt").mkdir()
+    (tmp_path / "broken_ckpt" / "config.json").write_text("{")
+    tiny = ["--config", str(ROOT / "configs/tiny.yaml")]
+    cases = [
+        ([f"--config={tmp_path / 'bad.yaml'}"], rf"{tmp_path / 'bad.yaml'}: invalid YAML at line 2 column \d+"),
+        ([f"--config={tmp_path / 'eight.yaml'}"], f"{tmp_path / 'eight.yaml'}: num_hidden_layers='eight' is not a valid int"),
+        (tiny + _overrides(tmp_path / "docs.jsonl", tmp_path / "r1"), f"{tmp_path / 'docs.jsonl'} line 2: invalid JSON"),
+        (tiny + _overrides(corpus, tmp_path / "a_file" / "run"), f"run directory {tmp_path / 'a_file' / 'run'} is not writable"),
+        (tiny + _overrides(corpus, tmp_path / "r2", init_from=tmp_path / "missing"),
+         f"init_from: checkpoint directory {tmp_path / 'missing'} does not exist"),
+        (tiny + _overrides(corpus, tmp_path / "r3", init_from=tmp_path / "broken_ckpt"),
+         f"{tmp_path / 'broken_ckpt' / 'config.json'}: invalid JSON at line 1 column 2"),
+        (tiny + _overrides(corpus, tmp_path / "r4", seq_len=5000),
+         r"seq_len \(5000\) is larger than the model's max_position_embeddings \(4096\)"),
+    ]
+    for args, message in cases:
+        code, err = _train_main(capsys, *args)
+        assert code == 1 and re.search(message, err), (args, err)
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_allocation(tmp_path, capsys):
+    start = time.monotonic()
+    code, err = _train_main(capsys, "--config", str(ROOT / "configs/minimax-text-01.yaml"), f"run_dir={tmp_path}")
+    assert code == 1 and re.search(r"training the 80-layer, 6144-wide model .* needs \d+\.\d GiB but "
+                                   r"\d+\.\d GiB are available", err), err
+    assert time.monotonic() - start < 10

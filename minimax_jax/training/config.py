@@ -14,7 +14,7 @@ from minimax_jax.config import ConfigError, MiniMaxConfig, coerce_fields, parse_
 class TrainConfig:
     """Everything `train.py` needs besides the model architecture.
 
-    Data: `data` is a list of files or directories (.txt/.md/.py text, .jsonl with a `text` field,
+    Data: `data` is a list of files or directories (or one path) (.txt/.md/.py text, .jsonl with a `text` field,
     .parquet with a `text` column); empty means the running interpreter's standard-library sources.
     `tokenizer`: None for bytes, or a local tokenizer.json. Rows of `seq_len` tokens are packed
     with segment ids; `val_fraction` of the documents are held out. `mesh` (e.g. {data: 2, fsdp: 4})
@@ -53,7 +53,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", tuple(self.data or ()))
+        data = (self.data,) if isinstance(self.data, str) else self.data or ()
+        if not isinstance(data, (list, tuple)) or not all(isinstance(p, str) for p in data):
+            raise ConfigError(f"data must be a list of file or directory paths, got {self.data!r}")
+        object.__setattr__(self, "data", tuple(data))
         positive = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every",
                     "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps")
         for key in positive:
@@ -73,11 +76,19 @@ class TrainConfig:
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def check_seq_len(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> None:
+    """Raise a ConfigError naming both numbers if `seq_len` exceeds the model's positions."""
+    if tcfg.seq_len > mcfg.max_position_embeddings:
+        raise ConfigError(f"seq_len ({tcfg.seq_len}) is larger than the model's max_position_embeddings "
+                          f"({mcfg.max_position_embeddings})")
+
+
 def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[TrainConfig, MiniMaxConfig]:
     """Read a YAML file and apply `key=value` overrides -> (TrainConfig, MiniMaxConfig).
 
     Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`.
-    A config needs a `model:` section (or `init_from`): without one no model is built.
+    A config needs a `model:` section (or `init_from`): without one no model is built. Every
+    problem is a ConfigError naming the file.
     """
     raw = read_yaml(path)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -86,6 +97,8 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
     if unknown:
         raise ConfigError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
     train = {k: v for k, v in raw.items() if k != "model"}
+    if not isinstance(raw.get("model") or {}, dict):
+        raise ConfigError(f"{path}: model: must be a mapping of model keys, got {raw['model']!r}")
     model = dict(raw.get("model") or {})
     for key, value in parse_overrides(overrides, valid).items():
         if key.startswith("model."):
@@ -96,4 +109,9 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
         shipped = ", ".join(sorted(str(p) for p in SHIPPED_CONFIGS.glob("*.yaml"))) or "configs/*.yaml"
         raise ConfigError(f"{path}: no model: section (and no init_from), so no model to train; "
                           f"start from a shipped config: {shipped}")
-    return TrainConfig(**coerce_fields(TrainConfig, train)), MiniMaxConfig.from_mapping(model)
+    try:
+        tcfg, mcfg = TrainConfig(**coerce_fields(TrainConfig, train)), MiniMaxConfig.from_mapping(model)
+        check_seq_len(tcfg, mcfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return tcfg, mcfg

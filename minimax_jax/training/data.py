@@ -50,7 +50,9 @@ def find_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 class DocumentSource:
-    """Random access to documents: (file, locator) pairs indexed once at start-up.
+    """Random access to documents: (file, locator) pairs indexed once at start-up. Every .jsonl
+    line is parsed then: one that is not a JSON object with a string `text` is a ValueError
+    naming the file and the line number.
 
     Implements grain's RandomAccessDataSource protocol (`__len__`, `__getitem__` -> str).
     """
@@ -61,14 +63,21 @@ class DocumentSource:
             if f.suffix == ".jsonl":
                 with f.open("rb") as fh:
                     offset = 0
-                    for line in fh:
+                    for number, line in enumerate(fh, 1):
                         if line.strip():
+                            _jsonl_text(line, f, f"line {number}")
                             self._docs.append((f, offset))
                         offset += len(line)
             elif f.suffix == ".parquet":
                 import pyarrow.parquet as pq
 
-                self._docs.extend((f, i) for i in range(pq.ParquetFile(f).metadata.num_rows))
+                try:
+                    table = pq.ParquetFile(f)
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{f}: not a readable parquet file: {e}") from None
+                if "text" not in table.schema_arrow.names:
+                    raise ValueError(f"{f}: no 'text' column (columns: {table.schema_arrow.names})")
+                self._docs.extend((f, i) for i in range(table.metadata.num_rows))
             else:
                 self._docs.append((f, 0))
 
@@ -80,14 +89,22 @@ class DocumentSource:
         if path.suffix == ".jsonl":
             with path.open("rb") as fh:
                 fh.seek(loc)
-                line = fh.readline()
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path} at byte {loc}: expected a JSON object with a string 'text'")
-            return record["text"]
+                return _jsonl_text(fh.readline(), path, f"byte {loc}")
         if path.suffix == ".parquet":
             return _parquet_text(path)[loc]
         return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _jsonl_text(line: bytes, path: Path, where: str) -> str:
+    """The `text` of one .jsonl line (`where`: "line N" or "byte N"); anything else is a
+    ValueError naming `path` and `where`."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} {where}: invalid JSON: {getattr(e, 'msg', e)}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path} {where}: expected a JSON object with a string 'text'")
+    return record["text"]
 
 
 @functools.lru_cache(maxsize=2)

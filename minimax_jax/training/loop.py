@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minimax_jax.checkpoint import load_model, save_model
+from minimax_jax.checkpoint import CheckpointError, load_model, param_shapes, save_model
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.generate import generate
+from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.tokenizer import Tokenizer, load_tokenizer
-from minimax_jax.training.checkpointing import TrainCheckpoints, abstract_like
-from minimax_jax.training.config import TrainConfig
+from minimax_jax.training.checkpointing import TrainCheckpoints, abstract_like, ensure_writable
+from minimax_jax.training.config import TrainConfig, check_seq_len
 from minimax_jax.training.data import DataPipeline, find_files
 from minimax_jax.training.metrics import MetricsLogger, peak_flops, plot_losses, train_flops_per_token
 from minimax_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -65,13 +66,39 @@ def unigram_entropy(batches: list[dict[str, np.ndarray]]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> MiniMaxForCausalLM:
-    """A fresh model, or the weights of `init_from` (architecture from that checkpoint, the
-    compute fields of `mcfg`: every layer is built with them, then the weights are put in)."""
+def model_config(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> MiniMaxConfig:
+    """The config of the model to train: `mcfg`, or with `init_from` the architecture in that
+    checkpoint's config.json with the compute fields of `mcfg`."""
     if tcfg.init_from is None:
-        return MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(tcfg.seed))
-    loaded = load_model(tcfg.init_from, dtype=mcfg.param_dtype)
-    cfg = loaded.config.replace(**{k: getattr(mcfg, k) for k in COMPUTE_FIELDS})
+        return mcfg
+    if not Path(tcfg.init_from).is_dir():
+        raise CheckpointError(f"init_from: checkpoint directory {tcfg.init_from} does not exist")
+    arch = MiniMaxConfig.from_hf_config(tcfg.init_from)
+    return arch.replace(**{k: getattr(mcfg, k) for k in COMPUTE_FIELDS})
+
+
+def training_bytes(cfg: MiniMaxConfig) -> int:
+    """Device bytes of the training state of `cfg`: params and gradients in `param_dtype`, and
+    AdamW's two float32 moments (activations not counted)."""
+    n = sum(math.prod(shape) for shape in param_shapes(cfg).values())
+    return n * (2 * np.dtype(cfg.param_dtype).itemsize + 2 * 4)
+
+
+def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
+                allow_non_finite: bool = False) -> MiniMaxForCausalLM:
+    """A fresh model, or the weights of `init_from` (architecture from that checkpoint, the
+    compute fields of `mcfg`: every layer is built with them, then the weights are put in,
+    checked against the checkpoint's checksums unless `verify=False` and refused with NaN / Inf
+    unless `allow_non_finite`). Refuses a `seq_len` beyond the model's positions and a model
+    whose training state cannot fit in the devices' memory, before allocating anything."""
+    cfg = model_config(tcfg, mcfg)
+    check_seq_len(tcfg, cfg)
+    devices = jax.devices() if tcfg.mesh else None
+    require_memory(training_bytes(cfg), f"training the {cfg.num_hidden_layers}-layer, "
+                   f"{cfg.hidden_size}-wide model (params, gradients, AdamW state)", devices)
+    if tcfg.init_from is None:
+        return MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(tcfg.seed))
+    loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, verify=verify, allow_non_finite=allow_non_finite)
     model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
     nnx.update(model, nnx.state(loaded, nnx.Param))
     log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
@@ -97,13 +124,19 @@ def sample_text(model: MiniMaxForCausalLM, tokenizer: Tokenizer, prompt: str, n:
     return prompt + tokenizer.decode(new)
 
 
-def run(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> dict[str, Any]:
-    """Train per the configs; returns a summary (final losses, baseline, paths, throughput)."""
+def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
+        allow_non_finite: bool = False) -> dict[str, Any]:
+    """Train per the configs; returns a summary (final losses, baseline, paths, throughput).
+
+    `verify=False` resumes from and initialises from checkpoints without checking their
+    checksums; `allow_non_finite` accepts NaN / Inf weights in `init_from`.
+    """
     run_dir = Path(tcfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = TrainCheckpoints(tcfg.checkpoints, keep=tcfg.keep_checkpoints, save_every=tcfg.save_every)
+    ensure_writable(run_dir, "run directory")
+    checkpoints = TrainCheckpoints(tcfg.checkpoints, keep=tcfg.keep_checkpoints, save_every=tcfg.save_every,
+                                   verify=verify)
     tokenizer = load_tokenizer(tcfg.tokenizer)
-    model = build_model(tcfg, mcfg)
+    model = build_model(tcfg, mcfg, verify=verify, allow_non_finite=allow_non_finite)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {mcfg.vocab_size}")

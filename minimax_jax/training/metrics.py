@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from minimax_jax.checkpoint import write_text_atomic
 from minimax_jax.config import FULL, MiniMaxConfig
 from pallas_kernels import LIGHTNING_CHUNK
 
@@ -53,13 +55,42 @@ def peak_flops() -> float | None:
     return None
 
 
+log = logging.getLogger("minimax_jax.training")
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the `metrics.jsonl` at `path` without the records of steps after `step` (they
+    are about to be run again) and without lines cut short by a killed run; logs what it drops."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (s := _record_step(line)) is not None and s <= step]
+    if len(kept) < len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        log.info("%s: dropped %d line(s) after step %d (those steps run again now)", path,
+                 len(lines) - len(kept), step)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one `metrics.jsonl` line, or None for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLogger:
-    """Writes every record to `metrics.jsonl` and TensorBoard under `run_dir`, and shows progress."""
+    """Writes every record to `metrics.jsonl` and TensorBoard under `run_dir`, and shows progress.
+
+    Records of steps after `start_step` left by an earlier run are dropped first, so a resumed
+    run logs each step once."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool):
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir
+        drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.bar = None
