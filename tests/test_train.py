@@ -196,19 +196,24 @@ def test_config_without_a_model_section_is_refused(tmp_path):
         load_train_config(empty)
 
 
-def test_mesh_training_matches_single_device(corpus, tmp_path):
-    """Two steps on an 8-device CPU mesh (data x fsdp x tensor) give the single-device losses."""
+@pytest.mark.parametrize("mesh, logged", [
+    ("{data: 2, fsdp: 2, tensor: 2}", "{'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2, 'sequence': 1}"),
+    ("{data: 2, sequence: 4}", "{'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'sequence': 4}"),
+])
+def test_mesh_training_matches_single_device(corpus, tmp_path, mesh, logged):
+    """Two steps on an 8-device CPU mesh give the single-device losses (with a sequence axis the
+    lightning layers run split over it)."""
     single = tmp_path / "single"
     run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, single, steps=2, batch_size=4)))
     meshed = tmp_path / "mesh"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config", "configs/tiny.yaml",
-         *_overrides(corpus, meshed, steps=2, batch_size=4), "mesh={data: 2, fsdp: 2, tensor: 2}"],
+         *_overrides(corpus, meshed, steps=2, batch_size=4), f"mesh={mesh}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2, 'sequence': 1} over 8 devices" in proc.stdout + proc.stderr
+    assert f"mesh {logged} over 8 devices" in proc.stdout + proc.stderr
     want, got = _losses(single), _losses(meshed)
     assert sorted(got) == [1, 2]
     np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-5)

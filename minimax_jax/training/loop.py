@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -148,8 +150,10 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
 
     graphdef, params = nnx.split(model)
     place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
+    mesh_scope = contextlib.nullcontext  # the steps run under the mesh, so the ops see it
     if tcfg.mesh:
         mesh = make_mesh(tcfg.mesh)
+        mesh_scope = functools.partial(jax.set_mesh, mesh)
         params = jax.device_put(params, param_shardings(params, mesh))
         batch_spec = batch_sharding(mesh)
         place_batch = lambda batch: jax.device_put(batch, batch_spec)  # noqa: E731
@@ -181,8 +185,9 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     try:
         for step in range(start, tcfg.steps):
             batch = place_batch(next(data.train))
-            state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
-                                        grad_accum=tcfg.grad_accum, aux_coef=aux_coef)
+            with mesh_scope():
+                state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                                            grad_accum=tcfg.grad_accum, aux_coef=aux_coef)
             steps_since += 1
             logger.advance()
             if not bool(metrics["finite"]):
@@ -211,7 +216,8 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
                     record["mfu"] = tps * flops_tok / peak
                 t_last, steps_since = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
-                val_loss = evaluate(state.params, graphdef, val_batches)
+                with mesh_scope():
+                    val_loss = evaluate(state.params, graphdef, val_batches)
                 record["val_loss"] = val_loss
                 t_last, steps_since = time.perf_counter(), 0  # throughput counts training steps only
             if record:
