@@ -11,6 +11,9 @@ segment ids through cuDNN's packed form where its backward workspace fits, see
 ``softmax_cudnn.packed_segment_limit``), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
 backward, any backend), "reference" (all scores at once; the oracle) and "auto" (cuDNN where it
 supports the call, else "xla"). A call an implementation does not support falls back to "xla".
+Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
+q_offset) other than "reference" runs as ring attention over that axis (``sharding.softmax``,
+the "xla" form per block); T must then be a multiple of P.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jax.numpy as jnp
 from pallas_kernels import softmax_cudnn
 from pallas_kernels.reference import softmax_attention_reference
 from pallas_kernels.softmax_xla import attention_xla, paged_attention_xla
+from sharding.lightning import sequence_shards
+from sharding.softmax import softmax_attention_ring
 
 SOFTMAX_IMPLS = ("auto", "cudnn", "xla", "reference")
 BLOCK_Q = 512  # query rows per block of the "xla" form
@@ -69,6 +74,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     if impl == "reference":
         return softmax_attention_reference(q, k, v, q_segment_ids, kv_segment_ids, offset)
+    if q_offset is None and k.shape[1] == q.shape[1] and sequence_shards() > 1:
+        return softmax_attention_ring(q, k, v, q_segment_ids, kv_segment_ids,
+                                      block_q=block_q or BLOCK_Q, block_k=block_k or BLOCK_K)
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
             return softmax_cudnn.causal_cudnn(q, k, v)

@@ -53,7 +53,7 @@ def _forward(q, fetch: Callable, nk: int, bk: int, s_len: int, q_seg, q_offset, 
     of key block j (slots j * bk ...); q_seg int `[B, T]` or None; q_offset int32 `[B]`. Values
     that no query of a block sees are zeroed (a page pool may hold stale data). Returns
     (o `[B, T, H, K]` in q's dtype, lse float32 `[B, T, H]`; a query that sees nothing gets o = 0
-    and lse = 0).
+    and lse = NEG).
     """
     b, t, h, kd = q.shape
     bq, nq = _blocks(t, block_q)
@@ -93,7 +93,7 @@ def _forward(q, fetch: Callable, nk: int, bk: int, s_len: int, q_seg, q_offset, 
         m, l, acc = lax.fori_loop(0, hi, body, init)
         seen = l > 0
         o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
         o = jnp.moveaxis(o, 3, 1).reshape(b, bq, h, kd)  # [B, N, G, bq, K] -> [B, bq, H, K]
         return o.astype(q.dtype), jnp.moveaxis(lse, 3, 1).reshape(b, bq, h)
 
@@ -221,6 +221,27 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.A
     block_q * block_k * H) in the forward and the backward pass.
     """
     return _attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q, block_k)
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None,
+                       kv_segment_ids: jax.Array | None, q_offset: jax.Array, *, block_q: int = 512,
+                       block_k: int = 512) -> tuple[jax.Array, jax.Array]:
+    """`attention_xla`'s forward pass, not differentiable, with its log-sum-exp: (o `[B, T, H, K]`
+    in q's dtype, lse float32 `[B, T, H]`, NEG for a query that sees nothing). Attention over
+    several key ranges merges from these."""
+    o, residuals = _attention_fwd(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q, block_k)
+    return o, residuals[-1]
+
+
+def attention_grads(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None,
+                    kv_segment_ids: jax.Array | None, q_offset: jax.Array, o: jax.Array,
+                    lse: jax.Array, do: jax.Array, *, block_q: int = 512,
+                    block_k: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`attention_xla`'s backward pass for the keys k, v of a softmax that may span more keys:
+    given the whole softmax's output o and log-sum-exp lse `[B, T, H]` and the output's
+    gradient do, returns (dq, dk, dv), these keys' share of q's gradient and their own."""
+    residuals = (q, k, v, q_segment_ids, kv_segment_ids, q_offset, o, lse)
+    return _attention_bwd(block_q, block_k, residuals, do)[:3]
 
 
 def paged_attention_xla(q: jax.Array, key_pages: jax.Array, value_pages: jax.Array,

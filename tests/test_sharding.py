@@ -48,3 +48,17 @@ def test_lightning_over_the_sequence_axis_gathers_only_states(lightning, mesh):
     for shape in gathers:
         dims = [int(x) for x in re.search(r"\[([0-9,]*)\]", shape).group(1).split(",") if x]
         assert math.prod(dims) <= shards * 2 * 2 * 16 * 16 and 128 not in dims, shape
+
+
+@pytest.fixture(scope="module")
+def softmax():
+    return run_worker("softmax")
+
+
+@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+def test_ring_attention_equals_one_device(softmax, mesh):
+    """Ring attention over the sequence axis: output and gradients equal the one-device op (GQA,
+    documents across shard edges), and the keys travel by collective-permute, never gathered."""
+    result = softmax[mesh]
+    assert result["o"] < RTOL and result["grads"] < RTOL, result
+    assert result["permutes"] > 0 and result["all_gathers"] == [], result
