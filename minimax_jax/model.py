@@ -13,6 +13,7 @@ from minimax_jax.decoder import DecoderBlock
 from minimax_jax.layout import TokenLayout, make_layout
 from minimax_jax.norm import RMSNorm
 from minimax_jax.params import param
+from sharding.tokens import constrain_tokens
 
 
 def _stacked_blocks(cfg: MiniMaxConfig, rngs: nnx.Rngs) -> DecoderBlock:
@@ -98,7 +99,8 @@ class MiniMaxForCausalLM(nnx.Module):
     def backbone(self, h: jax.Array, layout: TokenLayout,
                  cache: Cache | None = None) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
         """The decoder stack and the final norm over embeddings h `[B, T, D]` laid out by `layout`
-        (built with the same cache). Returns (hidden states `[B, T, D]` in the compute dtype,
+        (built with the same cache); under a mesh the blocks' inputs and outputs are held split
+        over its batch and sequence axes. Returns (hidden states `[B, T, D]` in the compute dtype,
         the updated cache or None, router stats averaged over layers)."""
         cfg = self.config
         slopes = jnp.asarray(cfg.slopes()).reshape(cfg.num_blocks, len(cfg.block_pattern), -1)
@@ -109,6 +111,7 @@ class MiniMaxForCausalLM(nnx.Module):
             block_cache = None if cache is None else BlockCache(state, key, value, cache.page_table)
             h, block_cache, stats = nnx.merge(graphdef, params)(h, layout, block_cache,
                                                                slopes=block_slopes)
+            h = constrain_tokens(h)
             if block_cache is None:
                 return h, (None, None, None, stats)
             return h, (block_cache.lightning_state, block_cache.key, block_cache.value, stats)
@@ -116,7 +119,7 @@ class MiniMaxForCausalLM(nnx.Module):
         xs = (block_params, slopes, *(
             (None, None, None) if cache is None else (cache.lightning_state, cache.key, cache.value)
         ))
-        h, (state, key, value, stats) = jax.lax.scan(body, h, xs)
+        h, (state, key, value, stats) = jax.lax.scan(body, constrain_tokens(h), xs)
         new_cache = None
         if cache is not None:
             real = h.shape[1] if layout.valid is None else jnp.sum(layout.valid, axis=1, dtype=jnp.int32)

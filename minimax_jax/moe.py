@@ -2,7 +2,8 @@
 renormalised weights, SwiGLU experts computed dropless and grouped by expert: tokens are gathered
 into expert order, run through grouped matmuls (`pallas_kernels.grouped_matmul`) and gathered back
 (gathers both ways, also in the gradient). Sequences longer than TOKEN_CHUNK tokens go through the
-experts a chunk at a time, each chunk recomputed in the backward pass (memory O(TOKEN_CHUNK))."""
+experts a chunk at a time, each chunk recomputed in the backward pass (memory O(TOKEN_CHUNK)).
+Under a mesh, each device routes and computes its own tokens (`sharding.tokens`)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from flax import nnx
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
 from pallas_kernels import grouped_matmul
+from sharding.tokens import constrain_tokens, map_token_shards
 
 TOKEN_CHUNK = 65536  # longer token sequences go through the experts this many tokens at a time
 
 
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """router_logits `[N, E]` -> (probs float32 `[N, E]`, weights float32 `[N, k]`, experts int32 `[N, k]`).
+    """router_logits `[..., E]` -> (probs float32 `[..., E]`, weights float32 `[..., k]`,
+    experts int32 `[..., k]`).
 
     probs = softmax in float32; the k largest are renormalised to sum to one.
     """
@@ -32,18 +35,26 @@ def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, j
 def router_stats(probs: jax.Array, experts: jax.Array, mask: jax.Array | None) -> dict[str, jax.Array]:
     """Load-balancing loss and expert load of one MoE layer.
 
-    probs `[N, E]`, experts `[N, k]`, mask `[N]` (1 = real token) or None; padded tokens are
-    left out. Returns {"aux_loss": float32 scalar, the Switch-style E * sum_e f_e * P_e with f_e
-    the assignments to e per token (summing to k) and P_e the mean router probability of e;
-    "expert_load": float32 `[E]`, the fraction of assignments that go to each expert}.
+    probs `[..., E]`, experts `[..., k]` over the same token axes, mask (1 = real token) over
+    those axes or None; padded tokens are left out. Returns {"aux_loss": float32 scalar, the
+    Switch-style E * sum_e f_e * P_e with f_e the assignments to e per token (summing to k) and
+    P_e the mean router probability of e; "expert_load": float32 `[E]`, the fraction of
+    assignments that go to each expert}.
     """
-    n, e = probs.shape
-    k = experts.shape[1]
-    w = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    e, k = probs.shape[-1], experts.shape[-1]
+    w = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(w), 1.0)
-    counts = jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32) * w[:, None, None], axis=(0, 1))
-    mean_prob = jnp.sum(probs * w[:, None], axis=0) / denom
+    counts = _sum_tokens(jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=-2) * w[..., None])
+    mean_prob = _sum_tokens(probs * w[..., None]) / denom
     return {"aux_loss": e * jnp.sum(counts / denom * mean_prob), "expert_load": counts / (denom * k)}
+
+
+def _sum_tokens(x: jax.Array) -> jax.Array:
+    """x `[..., E]` summed over its token axes one axis at a time (a sum over several axes at
+    once may become a reshape that gathers token-sharded arrays)."""
+    while x.ndim > 1:
+        x = jnp.sum(x, axis=0)
+    return x
 
 
 def dispatch_order(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -112,28 +123,32 @@ class SparseMoE(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x `[B, T, D]`, mask `[B, T]` or None -> (out `[B, T, D]` in the compute dtype,
         `router_stats`)."""
-        b, t, d = x.shape
-        e = self.gate.shape[1]
-        xf = x.astype(self.dtype).reshape(b * t, d)
-        logits = xf @ self.gate[...].astype(self.dtype)
-        probs, weights, experts = route(logits, self.top_k)
-        stats = router_stats(probs, experts, None if mask is None else mask.reshape(-1))
-
+        x = x.astype(self.dtype)
+        logits = jnp.einsum("btd,de->bte", x, self.gate[...].astype(self.dtype))
+        probs, weights, experts = route(constrain_tokens(logits), self.top_k)
+        stats = router_stats(probs, experts, mask)
         ws = tuple(w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
-        n = b * t
-        if n <= TOKEN_CHUNK:
-            out = combine_experts(xf, weights, experts, ws, e, self.impl)
-        else:
-            # token chunks, each recomputed in the backward pass: the experts' activations of
-            # one chunk are alive at a time, not those of the whole sequence
-            c = -(-n // TOKEN_CHUNK)
-            pad = c * TOKEN_CHUNK - n
-            chunks = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
-                c, TOKEN_CHUNK, *a.shape[1:])
-            one = jax.checkpoint(lambda a: combine_experts(*a, ws, e, self.impl))
-            out = jax.lax.map(one, (chunks(xf), chunks(weights), chunks(experts)))
-            out = out.reshape(c * TOKEN_CHUNK, d)[:n]
-        return out.reshape(b, t, d), stats
+        local = functools.partial(_experts_on_tokens, num_experts=self.gate.shape[1], impl=self.impl)
+        return map_token_shards(local, (x, weights, experts), ws), stats
+
+
+def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array,
+                       w3: jax.Array, w2: jax.Array, *, num_experts: int, impl: str) -> jax.Array:
+    """`combine_experts` over tokens x `[B, T, D]` routed to experts `[B, T, k]` with weights
+    `[B, T, k]`; more than TOKEN_CHUNK tokens go a chunk at a time, each chunk recomputed in the
+    backward pass (the experts' activations of one chunk are alive at a time). Returns `[B, T, D]`."""
+    b, t, d = x.shape
+    n, ws = b * t, (w1, w3, w2)
+    xf, weights, experts = x.reshape(n, d), weights.reshape(n, -1), experts.reshape(n, -1)
+    if n <= TOKEN_CHUNK:
+        return combine_experts(xf, weights, experts, ws, num_experts, impl).reshape(b, t, d)
+    c = -(-n // TOKEN_CHUNK)
+    pad = c * TOKEN_CHUNK - n
+    chunks = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(  # noqa: E731
+        c, TOKEN_CHUNK, *a.shape[1:])
+    one = jax.checkpoint(lambda a: combine_experts(*a, ws, num_experts, impl))
+    out = jax.lax.map(one, (chunks(xf), chunks(weights), chunks(experts)))
+    return out.reshape(c * TOKEN_CHUNK, d)[:n].reshape(b, t, d)
 
 
 def combine_experts(xf: jax.Array, weights: jax.Array, experts: jax.Array,

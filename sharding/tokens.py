@@ -1,0 +1,53 @@
+"""Token-local computations (each token's result depends on that token alone, like the MoE
+layer's routing and experts) run on each device's own tokens under the current mesh."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from sharding.lightning import SEQUENCE
+from sharding.rules import DEFAULT_RULES
+
+BATCH_AXES = DEFAULT_RULES["activation_batch"]
+
+
+def token_spec(b: int, t: int) -> P | None:
+    """The PartitionSpec `[B, T, ...]` token arrays get on the current mesh: batch over its
+    batch axes (those that divide B together), time over `sequence` (if it divides T); None
+    without a mesh or when nothing is split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    free = lambda a: a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1  # noqa: E731
+    batch = tuple(a for a in BATCH_AXES if free(a))
+    if b % math.prod(mesh.shape[a] for a in batch):
+        batch = ()
+    seq = SEQUENCE if free(SEQUENCE) and t % mesh.shape[SEQUENCE] == 0 else None
+    if not batch and seq is None:
+        return None
+    return P(batch or None, seq)
+
+
+def map_token_shards(fn: Callable[..., jax.Array], tokens: Sequence[jax.Array],
+                     shared: Sequence[jax.Array]) -> jax.Array:
+    """fn(*tokens, *shared) -> `[B, T, ...]`, run on each device's tokens: `tokens` are
+    `[B, T, ...]` arrays split as `token_spec` says, `shared` arrays go to every device whole
+    (their gradients summed over the devices). Without a mesh, fn runs as it is."""
+    b, t = tokens[0].shape[:2]
+    spec = token_spec(b, t)
+    if spec is None:
+        return fn(*tokens, *shared)
+    manual = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
+    run = jax.shard_map(fn, in_specs=(spec,) * len(tokens) + (P(),) * len(shared), out_specs=spec,
+                        axis_names=manual, check_vma=False)
+    return run(*tokens, *shared)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """x `[B, T, ...]` held as `token_spec` says on the current mesh (unchanged without one)."""
+    spec = token_spec(*x.shape[:2])
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
