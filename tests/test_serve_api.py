@@ -82,8 +82,11 @@ def test_completion_accepts_token_ids_and_several_prompts(served, client):
     ids = ByteTokenizer().encode("abc")
     r = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=5, temperature=0, n=2)
     assert len(r.choices) == 4 and len({c.text for c in r.choices}) == 1
-    assert r.choices[0].text == greedy_text(served, ids, 5)  # token ids are taken as they are
-    assert r.usage.prompt_tokens == 6
+    assert r.choices[0].text == greedy_text(served, [ByteTokenizer.bos_token_id, *ids], 5)  # BOS as for text
+    assert r.usage.prompt_tokens == 2 * 4
+    with_bos = client.completions.create(model=MODEL, prompt=[ByteTokenizer.bos_token_id, *ids], max_tokens=5,
+                                         temperature=0)
+    assert with_bos.choices[0].text == r.choices[0].text and with_bos.usage.prompt_tokens == 4
 
 
 def test_chat_uses_the_template_and_accepts_typed_parts(served, client):
@@ -184,7 +187,7 @@ BAD_REQUESTS = [
     ("too many stop strings", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": list("abcde")}, 400),
     ("top_logprobs without logprobs", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400),
-    ("unsupported penalty", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 1.0}, 400),
+    ("penalty out of range", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400),
     ("top_k past int32", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**31}, 400),
     ("top_k 2**63", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**63}, 400),
     ("max_tokens past int32", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2**40}, 400),
@@ -219,10 +222,10 @@ def test_a_server_side_failure_in_one_request_spares_the_others(served, client):
     steps = served.engine.steps
     real_prefill = steps.prefill
 
-    def faulty_prefill(rows, tokens, mask, active, sampling):
+    def faulty_prefill(rows, tokens, mask, active, *rest):
         if any(bytes(row[-4:].tolist()) == b"BOOM" for row in tokens[active]):
             raise RuntimeError("injected failure")
-        return real_prefill(rows, tokens, mask, active, sampling)
+        return real_prefill(rows, tokens, mask, active, *rest)
 
     prompts = ["fine one", "fine two", "BOOM", "fine three"]
     expected = [greedy_text(served, document(p), 6) for p in prompts if p != "BOOM"]

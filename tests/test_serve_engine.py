@@ -16,7 +16,7 @@ from flax import nnx
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
 from minimax_jax.serving.engine import (ContextLengthError, Engine, Output, SamplingParams,
                                        merge_outputs)
-from minimax_jax.serving.sampling import SamplingBatch, sample_rows
+from minimax_jax.serving.sampling import SamplingBatch, SamplingRow, SlotState, sample_rows
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import ByteTokenizer
 
@@ -162,12 +162,12 @@ def test_seeded_sampling_is_reproducible_and_filters_apply(engine):
 
 def test_sample_rows_keeps_each_rows_top_k_and_top_p():
     logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
-    sample = jax.jit(sample_rows)
+    sample = jax.jit(lambda logits, batch: sample_rows(logits, batch, SlotState.empty(4, 50)))
     top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
     for seed in range(20):
-        tokens = np.asarray(sample(logits, SamplingBatch.of([(seed, r, 1.0, 1.0, 3) for r in range(4)])).token)
+        tokens = np.asarray(sample(logits, SamplingBatch.of([SamplingRow(seed, r, 1.0, 1.0, 3) for r in range(4)])).token)
         assert all(tokens[r] in top3[r] for r in range(4))
-    out = sample(logits, SamplingBatch.of([(s, 0, 1.0, 1e-6, 0) for s in range(4)]))
+    out = sample(logits, SamplingBatch.of([SamplingRow(s, 0, 1.0, 1e-6, 0) for s in range(4)]))
     np.testing.assert_array_equal(out.token, np.argmax(logits, axis=-1))
     np.testing.assert_allclose(out.logprob, np.max(jax.nn.log_softmax(logits), axis=-1), rtol=1e-6)
     np.testing.assert_array_equal(out.top_ids[:, 0], out.token)
@@ -229,10 +229,10 @@ def test_a_failing_request_does_not_affect_the_others(engine):
     poison = [7, 7, 7, 7]
     real_prefill = engine.steps.prefill
 
-    def faulty_prefill(rows, tokens, mask, active, sampling):
+    def faulty_prefill(rows, tokens, mask, active, *rest):
         if any(list(row[-4:]) == poison for row in tokens[active]):
             raise RuntimeError("injected prefill failure")
-        return real_prefill(rows, tokens, mask, active, sampling)
+        return real_prefill(rows, tokens, mask, active, *rest)
 
     def broken_callback(out: Output) -> None:
         raise RuntimeError("injected client failure")
@@ -252,7 +252,7 @@ def test_a_failing_request_does_not_affect_the_others(engine):
     ([], GREEDY, "the prompt is empty"),
     ([1] * (CONTEXT - 5), GREEDY, "maximum context length is 160"),
     ([1, 300], GREEDY, "token ids must be in [0, 264)"),
-    ([1], SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
+    ([1], SamplingParams(max_tokens=-1), "max_tokens must be >= 0"),
     ([1], SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
     ([1], SamplingParams(logprobs=21), "logprobs must be in [0, 20]"),
 ])
@@ -264,7 +264,7 @@ def test_invalid_requests_are_rejected_with_a_reason(engine, prompt, params, mes
 def test_the_engine_survives_an_unexpected_error_in_its_loop(engine):
     real_reset = engine.steps.reset
 
-    def failing_reset(slot: int, pages: list[int]) -> None:
+    def failing_reset(slot: int, pages: list[int], *rest) -> None:
         del engine.steps.reset  # fail once
         raise RuntimeError("injected reset failure")
 

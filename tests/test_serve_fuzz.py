@@ -43,8 +43,8 @@ def operations(url: str) -> list[schemathesis.APIOperation]:
 @pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
 def test_no_server_errors(live, mode):
     for operation in operations(live.url):
-        if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
-            continue  # no parameters and no body: nothing can be made invalid
+        if mode is GenerationMode.NEGATIVE and operation.method.upper() in ("GET", "HEAD"):
+            continue  # no body, at most a free-form string in the path: nothing can be made invalid
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,

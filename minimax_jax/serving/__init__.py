@@ -2,17 +2,20 @@
 
     python serve.py --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-context 2048]
 
-Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives server-sent events
-ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus).
+Routes: POST /v1/completions (with `echo` and `logprobs`, the prompt tokens' logprobs too),
+POST /v1/chat/completions (`stream: true` gives server-sent events ending in `data: [DONE]`),
+GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET and HEAD /health,
+GET /metrics (Prometheus).
 
-Modules, one job each: `engine` (the background loop: slots, admission, chunked prefill, batched
-decode, aborts), `pages` (the free K/V pages), `steps` (the compiled fixed-shape steps over the
-cache), `sampling` (per-row temperature / top_p / top_k / seed, logprobs), `textstream`
-(incremental detokenization, stop strings), `chat` (chat templates), `protocol` (request bodies),
-`api` (routes, SSE, errors), `metrics`, `server` (assembly, uvicorn), `cli` (`serve.py`).
+Modules, one job each: `engine` (the background loop: slots, admission, chunked prefill in length
+buckets, batched decode, aborts), `pages` (the free K/V pages), `steps` (the compiled steps over
+the cache), `sampling` (per-row temperature / top_p / top_k / seed, min_tokens, logit_bias,
+penalties, logprobs, prompt scoring), `textstream` (incremental detokenization, stop strings),
+`chat` (chat templates), `protocol` (request bodies), `api` (routes, SSE, errors), `metrics`,
+`server` (assembly, uvicorn), `cli` (`serve.py`).
 
-Exactness: greedy output does not depend on the other requests in the batch (fixed shapes, rows
-independent) and equals `minimax_jax.generate` for the same prompt (tests/test_serve_engine.py).
+Exactness: greedy output does not depend on the other requests in the batch (rows independent,
+padding masked) and equals `minimax_jax.generate` for the same prompt (tests/test_serve_engine.py).
 The lightning layers keep one float32 state per slot. K/V of the softmax layers live in a pool of
 fixed-size pages shared by all slots (`--kv-pages`, `--page-size`); each slot has a page table. A
 request is admitted when the pages for its prompt plus max_tokens are free, and returns them when

@@ -1,9 +1,16 @@
 """The OpenAI-compatible HTTP API over an `Engine` (FastAPI).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
-events ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus). Every
-error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`; a request whose
-client disconnects is aborted, which frees its slot.
+events ending in `data: [DONE]`), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST
+/detokenize, GET and HEAD /health, GET /metrics (Prometheus). Every error is an OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}`; a request whose client disconnects is aborted,
+which frees its slot.
+
+BOS: a completion prompt, text or token ids alike, is read after a BOS token, which the server
+adds when the prompt does not start with one (as training saw documents); an added BOS is
+counted in usage.prompt_tokens but is not part of what `echo` returns. So `echo` gives back
+exactly the tokens sent (or the text's tokens), the first with a null logprob; the second one's
+logprob is conditioned on the BOS (and the first token).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimax_jax.serving.chat import ChatTemplate
 from minimax_jax.serving.engine import ContextLengthError, Engine, Output, SamplingParams, TokenLogprob, merge_outputs
-from minimax_jax.serving.protocol import MAX_STOP, ChatCompletionRequest, CompletionRequest, SamplingFields
+from minimax_jax.serving.protocol import (MAX_STOP, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                          DetokenizeRequest, SamplingFields, TokenizeRequest)
 from minimax_jax.tokenizer import Tokenizer
 
 MAX_CHOICES = 64  # prompts x n in one request
 DISCONNECT_POLL_S = 0.25
 ChoiceBuilder = Callable[[int, Output, int, bool], dict]
+FirstOutput = Callable[[int, Output], Output]
 
 
 class APIError(Exception):
@@ -55,7 +64,8 @@ def validation_error(err: RequestValidationError) -> APIError:
             problems.append(f"the request body is not valid UTF-8 JSON: {e.get('ctx', {}).get('error', '')}")
             continue
         param = param or (loc[0] if loc else None)
-        problems.append(f"{'.'.join(loc)}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
+        msg = "this server does not support this field" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+        problems.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return APIError(400, "; ".join(problems) or "invalid request", param=param)
 
 
@@ -82,10 +92,17 @@ class Server:
         self.created = int(time.time())
 
     # ----- turning requests into engine jobs ------------------------------------------------------
-    def check_model(self, body: SamplingFields) -> None:
-        if body.model != self.model_name:
-            raise APIError(404, f"the model {ascii(body.model)} does not exist; this server serves "
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` (None: not given) is the served model's name."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {ascii(model)} does not exist; this server serves "
                            f"{self.model_name!r}", "invalid_request_error", "model", "model_not_found")
+
+    def check_request(self, body: SamplingFields) -> None:
+        """The checks of a generation request that span fields."""
+        self.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
     def encode(self, text: str, param: str) -> list[int]:
         try:
@@ -94,17 +111,20 @@ class Server:
             raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param=param)
         return self.tokenizer.encode(text)
 
-    def document(self, text: str) -> list[int]:
-        """A text prompt as training saw documents: BOS first, unless the text already starts
-        with it or the tokenizer has none. An empty text is an error."""
-        ids = self.encode(text, "prompt")
+    def with_bos(self, ids: list[int]) -> tuple[list[int], int]:
+        """(ids as training saw documents: BOS first, unless they already start with it or the
+        tokenizer has none; how many ids were added, 0 or 1)."""
+        bos = self.tokenizer.bos_token_id
+        return (ids, 0) if bos is None or ids[:1] == [bos] else ([bos, *ids], 1)
+
+    def document(self, ids: list[int]) -> tuple[list[int], int]:
+        """A completion prompt (token ids) -> `with_bos`; an empty prompt is an error."""
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
-        bos = self.tokenizer.bos_token_id
-        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+        return self.with_bos(ids)
 
     def sampling(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                 prompt_len: int) -> SamplingParams:
+                 prompt_len: int, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
@@ -113,43 +133,52 @@ class Server:
         if max_tokens is None:  # as many as the context and the K/V pool allow
             max_tokens = self.engine.max_new_tokens(prompt_len)
         seed = None if body.seed is None else body.seed % 2**32
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), seed=seed, stop=tuple(stop), logprobs=logprobs)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+            seed=seed, stop=tuple(stop), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty)
 
     def jobs(self, prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
-             logprobs: int | None) -> list[tuple[list[int], SamplingParams]]:
+             logprobs: int | None, prompt_logprobs: int | None = None) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt ids, params) per choice: prompts x n, checked by the engine."""
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"prompts x n must be <= {MAX_CHOICES}, got {len(prompts) * body.n}", param="n")
         out = []
         for prompt in prompts:
-            params = self.sampling(body, max_tokens, logprobs, len(prompt))
+            params = self.sampling(body, max_tokens, logprobs, len(prompt), prompt_logprobs)
             try:
                 self.engine.check(prompt, params)
             except ContextLengthError as e:
                 raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt")
+            except ValueError as e:  # the engine's messages start with the setting they name
+                field = str(e).split(" ", 1)[0]
+                raise APIError(400, str(e), param=field if field in type(body).model_fields else "prompt")
             for i in range(body.n):
                 seed = params.seed if params.seed is None else (params.seed + i) % 2**32
                 out.append((prompt, dataclasses.replace(params, seed=seed)))
         return out
 
-    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, body: CompletionRequest) -> list[tuple[list[int], int]]:
+        """Each prompt of the request as (ids the model reads, BOS ids added in front: 0 or 1)."""
         p = body.prompt
         if isinstance(p, str):
-            return [self.document(p)]
+            return [self.document(self.encode(p, "prompt"))]
         if not p:
             raise APIError(400, "prompt is an empty list", param="prompt")
         if isinstance(p[0], str):
-            return [self.document(s) for s in p]
+            return [self.document(self.encode(s, "prompt")) for s in p]
         if isinstance(p[0], int):
-            return [list(p)]
-        return [list(ids) for ids in p]
+            return [self.document(list(p))]
+        return [self.document(list(ids)) for ids in p]
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, chat: list[ChatMessage]) -> list[int]:
+        """Chat messages -> the ids of the prompt the chat template renders."""
         messages = []
-        for m in body.messages:
+        for m in chat:
             text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
             messages.append((m.role, text))
         try:
@@ -159,12 +188,14 @@ class Server:
         return self.encode(text, "messages")
 
     # ----- running jobs ---------------------------------------------------------------------------
-    async def run_jobs(self, jobs: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Output]]:
-        """Submit every job; yield (job index, output) as they come until all have finished.
-        Closing the iterator early (client gone) aborts the jobs still running."""
+    async def run_jobs(self, jobs: list[tuple[list[int], SamplingParams]],
+                       first: FirstOutput | None = None) -> AsyncIterator[tuple[int, Output]]:
+        """Submit every job; yield (job index, output) as they come until all have finished, a
+        job's first output passed through first(index, output) when given. Closing the iterator
+        early (client gone) aborts the jobs still running."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        ids, open_jobs = [], set(range(len(jobs)))
+        ids, open_jobs, started = [], set(range(len(jobs))), set()
         try:
             for i, (prompt, params) in enumerate(jobs):
                 ids.append(self.engine.submit(
@@ -173,18 +204,21 @@ class Server:
                 i, out = await queue.get()
                 if out.finish_reason is not None:
                     open_jobs.discard(i)
+                if first is not None and i not in started and finish_error(out) is None:
+                    out = first(i, out)
+                started.add(i)
                 yield i, out
         finally:
             for i in open_jobs:
                 if i < len(ids):
                     self.engine.abort(ids[i])
 
-    async def collect(self, request: Request, jobs) -> list[list[Output]]:
+    async def collect(self, request: Request, jobs, first: FirstOutput | None = None) -> list[list[Output]]:
         """All outputs of every job (non-streaming); aborts them if the client disconnects."""
         outputs: list[list[Output]] = [[] for _ in jobs]
 
         async def consume() -> None:
-            async for i, out in self.run_jobs(jobs):
+            async for i, out in self.run_jobs(jobs, first):
                 outputs[i].append(out)
 
         task = asyncio.ensure_future(consume())
@@ -197,11 +231,12 @@ class Server:
         return outputs
 
     async def respond(self, request: Request, body: SamplingFields, prompts: list[list[int]], jobs,
-                      head: dict, chunk_head: dict, choice: ChoiceBuilder, opening: list[dict] = ()):
+                      head: dict, chunk_head: dict, choice: ChoiceBuilder, opening: list[dict] = (),
+                      first: FirstOutput | None = None):
         """Run `jobs` and answer: one JSON body, or (`body.stream`) server-sent events: `opening`,
         a chunk per output that carries text, logprobs or a finish reason, a usage chunk when
         `stream_options.include_usage`, then `[DONE]`. choice(i, output, text offset, streaming)
-        builds one entry of `choices`."""
+        builds one entry of `choices`; `first` rewrites each job's first output (see `run_jobs`)."""
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -209,7 +244,7 @@ class Server:
                 for chunk in opening:
                     yield sse(chunk)
                 finals, offsets = [], [0] * len(jobs)
-                async for i, out in self.run_jobs(jobs):
+                async for i, out in self.run_jobs(jobs, first):
                     if (err := finish_error(out)) is not None:
                         yield sse(error_body(err.message, err.type))
                         continue
@@ -223,12 +258,21 @@ class Server:
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        merged = [merge_outputs(outs) for outs in await self.collect(request, jobs)]
+        merged = [merge_outputs(outs) for outs in await self.collect(request, jobs, first)]
         for out in merged:
             if (err := finish_error(out)) is not None:
                 raise err
         return ASCIIJSONResponse({**head, "choices": [choice(i, out, 0, False) for i, out in enumerate(merged)],
                                   "usage": count_usage(prompts, merged)})
+
+    def echo(self, prompt: list[int], added: int, out: Output) -> Output:
+        """`out` (a job's first output) with the prompt, less the `added` BOS ids, before its text,
+        and the prompt tokens' logprobs (the first one null) before its own when it has them."""
+        shown = prompt[added:]
+        logprobs = out.logprobs
+        if out.prompt_logprobs is not None:
+            logprobs = [TokenLogprob(shown[0], None, None), *out.prompt_logprobs[added + 1:], *logprobs]
+        return dataclasses.replace(out, text=self.tokenizer.decode(shown) + out.text, logprobs=logprobs)
 
 
 def finish_error(out: Output) -> APIError | None:
@@ -267,7 +311,8 @@ class LogprobFormatter:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-                "top_logprobs": [{self.token(i): p for i, p in lp.top} for lp in items],
+                "top_logprobs": [None if lp.top is None else {self.token(i): p for i, p in lp.top}
+                                 for lp in items],
                 "text_offset": offsets}
 
     def chat(self, items: list[TokenLogprob]) -> dict:
@@ -309,22 +354,58 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
             raise APIError(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 
+    @app.head("/health")
+    async def health_head():  # the same answer; the server sends no body for HEAD
+        return await health()
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    model_card = {"id": model_name, "object": "model", "created": server.created, "owned_by": "minimax-jax",
+                  "max_model_len": engine.max_context}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": server.created, "owned_by": "minimax-jax",
-            "max_model_len": engine.max_context}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return model_card
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            ids = server.chat_prompt(body.messages)
+        else:
+            ids = server.encode(body.prompt, "prompt")
+            ids = server.with_bos(ids)[0] if body.add_special_tokens else ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        server.check_model(body.model)
+        if body.tokens and max(body.tokens) >= tokenizer.vocab_size:
+            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        server.check_model(body)
-        prompts = server.completion_prompts(body)
-        jobs = server.jobs(prompts, body, body.max_tokens, body.logprobs)
+        server.check_request(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 is only allowed with echo: true", param="max_tokens")
+        documents = server.completion_prompts(body)
+        prompts = [ids for ids, _ in documents]
+        scored = body.logprobs if body.echo else None  # the prompt's logprobs too
+        jobs = server.jobs(prompts, body, body.max_tokens, body.logprobs, scored)
         want_logprobs = body.logprobs is not None
+
+        def echo(i: int, out: Output) -> Output:
+            return server.echo(*documents[i // body.n], out)
 
         def choice(i: int, out: Output, offset: int, _: bool) -> dict:
             return {"index": i, "text": out.text, "finish_reason": out.finish_reason,
@@ -332,15 +413,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
 
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        return await server.respond(request, body, prompts, jobs, head, head, choice)
+        return await server.respond(request, body, prompts, jobs, head, head, choice,
+                                    first=echo if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        server.check_model(body)
+        server.check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prompts = [server.chat_prompt(body)]
+        prompts = [server.chat_prompt(body.messages)]
         jobs = server.jobs(prompts, body, body.max_completion_tokens or body.max_tokens, logprobs)
 
         def choice(i: int, out: Output, _: int, stream: bool) -> dict:

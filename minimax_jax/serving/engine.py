@@ -6,6 +6,11 @@ prefill chunk for each of the (up to `prefill_rows`) oldest slots still reading 
 long prompt never stalls the others for more than one chunk); run one decode step for every slot
 that is generating. Outputs go to each request's callback as they are produced; a request's pages
 return to the pool when it ends. This thread is the only code that touches device arrays.
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`) come from the prefill steps themselves: a
+prefill step that reads a scored prompt also returns, per position, the logprob of the next prompt
+token and the most likely alternatives (its logits computed a few positions at a time); steps
+without a scored prompt compute logits at the last position only.
 """
 
 from __future__ import annotations
@@ -26,12 +31,24 @@ from minimax_jax.cache import PAGE_SIZE
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.metrics import Metrics
 from minimax_jax.serving.pages import PageAllocator
-from minimax_jax.serving.sampling import TOP_LOGPROBS, Sampled, SamplingBatch
+from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS, Sampled,
+                                          SamplingBatch, SamplingRow)
 from minimax_jax.serving.steps import Steps
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+MIN_PREFILL_BUCKET = 16  # the shortest prefill step
+
+
+def prefill_buckets(chunk: int, smallest: int = MIN_PREFILL_BUCKET) -> tuple[int, ...]:
+    """The prefill lengths for a prefill chunk of `chunk` tokens: the powers of two from
+    `smallest` below `chunk`, then `chunk` (at most 1 + ceil(log2(chunk / smallest)) of them)."""
+    sizes = []
+    while smallest < chunk:
+        sizes.append(smallest)
+        smallest *= 2
+    return (*sizes, chunk)
 
 
 class ContextLengthError(ValueError):
@@ -40,9 +57,13 @@ class ContextLengthError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to generate: at most `max_tokens` tokens; temperature 0 is greedy; top_k 0 and top_p 1
-    are off; `seed` None draws one; generation stops at EOS or at any of `stop`; `logprobs` None
-    returns none, n >= 0 returns the chosen token's logprob and the n most likely alternatives."""
+    """How to generate: at most `max_tokens` tokens (0: only read the prompt); temperature 0 is
+    greedy; top_k 0 and top_p 1 are off; `seed` None draws one; generation stops at EOS (unless
+    `ignore_eos`), at any of `stop_token_ids` (neither can be sampled before `min_tokens`
+    tokens) or at any of the `stop` strings; `logprobs` None returns none, n >= 0 returns the
+    chosen token's logprob and the n most likely alternatives; `prompt_logprobs` n >= 0 does the
+    same for every prompt token after the first. `logit_bias` (token id -> bias) and the
+    penalties shape the logits sampled from (see `minimax_jax.serving.sampling`)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -51,11 +72,21 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range."""
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
         if not 0 <= self.temperature <= 100:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -64,23 +95,37 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {TOP_LOGPROBS}], got {value}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or not all(-100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} biases in [-100, 100]")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
 
 
 @dataclasses.dataclass
 class TokenLogprob:
-    """One generated token: its id, its logprob, and the most likely (id, logprob) alternatives."""
+    """One token: its id, its logprob, and the most likely (id, logprob) alternatives; logprob
+    and top are None for a token nothing precedes (the first of a prompt)."""
 
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclasses.dataclass
 class Output:
     """What a request produced since its last output. `finish_reason` is None while it runs,
-    then "stop" (EOS or a stop string), "length" (max_tokens), "abort" or "error" (see `error`)."""
+    then "stop" (EOS, a stop token or a stop string), "length" (max_tokens), "abort" or "error"
+    (see `error`). `prompt_logprobs`, in a request's first output when it asked for them: one
+    entry per prompt token (the first one's logprob None)."""
 
     request_id: str
     text: str
@@ -90,6 +135,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -105,15 +151,17 @@ class _Request:
     pages: list[int] = dataclasses.field(default_factory=list)  # K/V pages held while in a slot
     fed: int = 0  # prompt tokens prefilled so far
     generated: list[int] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # filled chunk by chunk when asked for
     done: bool = False  # finished; its slot is free
 
     @property
     def decoding(self) -> bool:
         return self.fed == len(self.prompt)
 
-    def sampling_row(self) -> tuple[int, int, float, float, int]:
+    def sampling_row(self) -> SamplingRow:
         p = self.params
-        return self.seed, len(self.generated), p.temperature, p.top_p, p.top_k
+        return SamplingRow(self.seed, len(self.generated), p.temperature, p.top_p, p.top_k, p.min_tokens,
+                           p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
 
 
 class Engine:
@@ -123,6 +171,13 @@ class Engine:
     of `page_size` tokens (default: enough for every slot at full context); a request holds the
     pages for its prompt plus max_tokens from admission to its end, and waits in the queue
     while too few are free.
+
+    A prompt's first chunk is its remainder (1 to prefill_chunk tokens); a prefill step runs at
+    the smallest length of `buckets` (`prefill_buckets`: powers of two from MIN_PREFILL_BUCKET,
+    then prefill_chunk) that holds every row's tokens, so a short prompt pays for a short step.
+    Compiled shapes are bounded: one decode step, one reset, and one prefill per bucket (two
+    when prompts are scored): at most 2 + 2 * (1 + ceil(log2(prefill_chunk / MIN_PREFILL_BUCKET)))
+    programs, 12 for a prefill chunk of 256.
 
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
@@ -143,13 +198,14 @@ class Engine:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
         self.tokenizer, self.vocab_size = tokenizer, cfg.vocab_size
         self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
+        self.buckets = prefill_buckets(prefill_chunk)
         self.page_size = page_size
         # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
         pages_per_slot = -(-(max_context + prefill_chunk - 1) // page_size)
         self.pages = PageAllocator(max_batch * pages_per_slot if kv_pages is None else kv_pages)
         self.steps = Steps(model, slots=max_batch, pages_per_slot=pages_per_slot,
                            page_size=page_size, num_pages=self.pages.num_pages,
-                           chunk=prefill_chunk, prefill_rows=min(prefill_rows, max_batch))
+                           prefill_rows=min(prefill_rows, max_batch))
         self.metrics = metrics or Metrics()
         self.metrics.set_kv_pages(0, self.pages.num_pages)
         self._cond = threading.Condition()
@@ -188,8 +244,10 @@ class Engine:
         params.check()
         if not prompt:
             raise ValueError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", list(params.logit_bias))):
+            if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size})")
         if len(prompt) + params.max_tokens > self.max_context:
             raise ContextLengthError(
                 f"this model's maximum context length is {self.max_context} tokens; the request "
@@ -202,9 +260,9 @@ class Engine:
                 f"{self.pages.num_pages} pages")
 
     def pages_needed(self, prompt_tokens: int, max_tokens: int) -> int:
-        """K/V pages a request holds: its prompt's chunks (the first one left-padded to a whole
-        chunk) plus max_tokens - 1 decoded tokens (the last one is never fed back)."""
-        slots = -(-prompt_tokens // self.chunk) * self.chunk + max_tokens - 1
+        """K/V pages a request holds: its prompt's chunks (the first one left-padded to at most a
+        whole chunk) plus max_tokens - 1 decoded tokens (the last one is never fed back)."""
+        slots = -(-prompt_tokens // self.chunk) * self.chunk + max(max_tokens - 1, 0)
         return -(-slots // self.page_size)
 
     def max_new_tokens(self, prompt_tokens: int) -> int:
@@ -222,6 +280,8 @@ class Engine:
         seed = random.getrandbits(32) if params.seed is None else params.seed
         request = _Request(f"req-{next(self._ids)}", list(prompt), params, seed, on_output,
                            TextStream(self.tokenizer, params.stop), time.monotonic())
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [TokenLogprob(prompt[0], None, None)]
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
@@ -310,8 +370,14 @@ class Engine:
                     return
                 self._waiting.popleft()
                 request.slot, request.pages, self._slots[slot] = slot, pages, request
-                self.steps.reset(slot, pages)
+                self.steps.reset(slot, pages, request.params.logit_bias, self._suppressed(request.params))
                 room -= 1
+
+    def _suppressed(self, params: SamplingParams) -> tuple[int, ...]:
+        """The ids that end a request's generation, masked before its min_tokens."""
+        eos = self.tokenizer.eos_token_id
+        with_eos = not params.ignore_eos and 0 <= eos < self.vocab_size
+        return (*params.stop_token_ids, *([eos] if with_eos else []))
 
     def _fixed_rows(self, slots: list[int]) -> np.ndarray:
         """`slots` padded with other, distinct slots to the prefill_rows rows a step takes."""
@@ -339,26 +405,57 @@ class Engine:
     def _prefill(self, batch: list[_Request]) -> None:
         """Run one prefill step for `batch` (<= prefill_rows requests in slots); the remaining
         rows of the fixed-size step are other slots, left untouched."""
-        c, rows_n = self.chunk, self.steps.prefill_rows
+        rows_n = self.steps.prefill_rows
+        # the first chunk takes the remainder, the rest are full chunks
+        fed = [len(r.prompt) - (len(r.prompt) - 1) // self.chunk * self.chunk if r.fed == 0 else self.chunk
+               for r in batch]
+        c = next(b for b in self.buckets if b >= max(fed))  # rows shorter than c are left-padded
         tokens = np.zeros((rows_n, c), np.int32)
         mask = np.zeros((rows_n, c), np.int32)
-        fed = []
-        for i, request in enumerate(batch):
-            prompt = request.prompt
-            # the first chunk takes the remainder, left-padded; the rest are full
-            n = len(prompt) - (len(prompt) - 1) // c * c if request.fed == 0 else c
-            tokens[i, c - n:] = prompt[request.fed:request.fed + n]
-            mask[i, c - n:] = 1
-            fed.append(n)
-        active = np.arange(rows_n) < len(batch)
-        sampling = SamplingBatch.of([r.sampling_row() for r in batch]
-                                    + [(0, 0, 0.0, 1.0, 0)] * (rows_n - len(batch)))
-        rows = self._fixed_rows([r.slot for r in batch])
-        sampled = _to_host(self.steps.prefill(rows, tokens, mask, active, sampling))
+        scored = any(r.prompt_logprobs is not None for r in batch)
+        targets = np.zeros((rows_n, c), np.int32) if scored else None
         for i, (request, n) in enumerate(zip(batch, fed)):
+            tokens[i, c - n:] = request.prompt[request.fed:request.fed + n]
+            mask[i, c - n:] = 1
+            if scored:
+                after = request.prompt[request.fed + 1:request.fed + n + 1]  # the next token of each
+                targets[i, c - n:c - n + len(after)] = after
+        active = np.arange(rows_n) < len(batch)
+        sampling = SamplingBatch.of([r.sampling_row() for r in batch] + [SamplingRow()] * (rows_n - len(batch)))
+        rows = self._fixed_rows([r.slot for r in batch])
+        sampled, scores = self.steps.prefill(rows, tokens, mask, active, sampling, targets)
+        sampled = _to_host(sampled)
+        scores = None if scores is None else _to_host(scores)
+        for i, (request, n) in enumerate(zip(batch, fed)):
+            if request.prompt_logprobs is not None:
+                self._record_prompt_logprobs(request, scores, i, c - n, n)
             request.fed += n
-            if request.decoding:
+            if request.decoding and request.params.max_tokens == 0:
+                self._end_after_prompt(request)
+            elif request.decoding:
                 self._accept(request, sampled, i)
+
+    def _record_prompt_logprobs(self, request: _Request, scores: Sampled, row: int, start: int,
+                                n: int) -> None:
+        """Append the logprobs of the prompt tokens that follow the `n` chunk positions from
+        `start` of row `row` of `scores` (`[R, C]`), the chunk that starts at prompt index fed."""
+        k = request.params.prompt_logprobs
+        m = min(n, len(request.prompt) - request.fed - 1)
+        ids = request.prompt[request.fed + 1:request.fed + 1 + m]
+        logprobs = scores.logprob[row, start:start + m].tolist()
+        top_ids = scores.top_ids[row, start:start + m, :k].tolist()
+        top_logprobs = scores.top_logprobs[row, start:start + m, :k].tolist()
+        request.prompt_logprobs += [TokenLogprob(t, lp, list(zip(i, p)))
+                                    for t, lp, i, p in zip(ids, logprobs, top_ids, top_logprobs)]
+
+    def _end_after_prompt(self, request: _Request) -> None:
+        """A request with max_tokens 0 has read its prompt: its one output, then its end."""
+        try:
+            request.on_output(Output(request.id, "", [], [], "length", len(request.prompt), 0,
+                                     prompt_logprobs=request.prompt_logprobs))
+            self._release(request, "length")
+        except Exception as exc:  # noqa: BLE001 - fail this request only
+            self._fail(request, exc)
 
     def _decode_step(self) -> None:
         rows = [r if r is not None and r.decoding and r.generated else None for r in self._slots]
@@ -367,7 +464,7 @@ class Engine:
             return
         tokens = np.asarray([r.generated[-1] if r else 0 for r in rows], np.int32)
         writing = np.asarray([r is not None for r in rows])
-        sampling = SamplingBatch.of([r.sampling_row() if r else (0, 0, 0.0, 1.0, 0) for r in rows])
+        sampling = SamplingBatch.of([r.sampling_row() if r else SamplingRow() for r in rows])
         reading = [r.slot for r in self._reading()]
         protect = np.arange(self.steps.prefill_rows) < len(reading)
         try:
@@ -389,7 +486,8 @@ class Engine:
             self.metrics.add_tokens(1, now)
             request.generated.append(token)
             finish = None
-            if token == self.tokenizer.eos_token_id:
+            params = request.params
+            if token in params.stop_token_ids or (token == self.tokenizer.eos_token_id and not params.ignore_eos):
                 text, finish = request.stream.flush(), "stop"
             else:
                 text, hit = request.stream.push(token)
@@ -402,8 +500,10 @@ class Engine:
                 k = request.params.logprobs
                 top = list(zip(sampled.top_ids[row, :k].tolist(), sampled.top_logprobs[row, :k].tolist()))
                 logprobs = [TokenLogprob(token, float(sampled.logprob[row]), top)]
-            request.on_output(Output(request.id, text, [token], logprobs, finish,
-                                       len(request.prompt), len(request.generated)))
+            first = len(request.generated) == 1
+            request.on_output(Output(request.id, text, [token], logprobs, finish, len(request.prompt),
+                                     len(request.generated),
+                                     prompt_logprobs=request.prompt_logprobs if first else None))
             if finish is not None:
                 self._release(request, finish)
         except Exception as exc:  # noqa: BLE001 - fail this request only
@@ -455,6 +555,8 @@ def _to_host(sampled: Sampled) -> Sampled:
 def merge_outputs(parts: list[Output]) -> Output:
     """The outputs of one request, in order, as one `Output` (text and tokens concatenated)."""
     last = parts[-1]
+    prompt_logprobs = next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)
     return Output(last.request_id, "".join(p.text for p in parts),
                   [t for p in parts for t in p.token_ids], [lp for p in parts for lp in p.logprobs],
-                  last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+                  last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error,
+                  prompt_logprobs)

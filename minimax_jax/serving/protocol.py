@@ -1,36 +1,39 @@
 """Request bodies of the OpenAI-compatible API (pydantic; FastAPI publishes them as the OpenAPI
-schema). Fields OpenAI defines that this server does not implement are rejected when set to
-anything but their neutral value, never silently ignored. Validation is strict (no coercion:
-"yes" is not a boolean, true is not a token id) and every integer the engine holds is bounded to
-int32."""
+schema). No field is silently ignored: every body forbids fields it does not define (a 400 naming
+the field), and fields OpenAI defines that this server does not implement (`tools`,
+`tool_choice`, `parallel_tool_calls`, `suffix`, ...) are therefore refused the same way. Validation
+is strict (no coercion: "yes" is not a boolean, true is not a token id) and every integer the
+engine holds is bounded to int32."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from minimax_jax.serving.sampling import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 INT32_MAX = 2**31 - 1  # the engine holds token ids, top_k and token counts as int32
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenIdKey = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,9})$")]  # JSON keys are strings
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class StrictModel(BaseModel):
-    """A request body part validated without type coercion."""
+    """A request body part validated without type coercion; an undefined field is an error."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -39,22 +42,36 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
+    stop_token_ids: list[TokenId] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end generation like EOS")
+    ignore_eos: bool = Field(False, description="keep generating past EOS (to max_tokens or a stop)")
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX,
+                            description="EOS and stop_token_ids cannot be sampled before this many tokens")
+    logit_bias: dict[TokenIdKey, Bias] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id -> bias added to its logit before sampling")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="tokens of the prompt or the output: positive logits / p, "
+                                          "negative ones * p; 1: off")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                    description="subtracted from the logit of every token generated so far")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                     description="times each token's count so far, subtracted from its logit")
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     user: str | None = None
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions. `prompt`: text, token ids, or a list of either (one per choice set)."""
+    """POST /v1/completions. `prompt`: text, token ids, or a list of either (one per choice set).
+
+    `echo` returns the prompt before the completion; with `logprobs` also the prompt tokens'
+    logprobs (the first one null), and `max_tokens` may then be 0 to only score the prompt."""
 
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = Field(False, description="not supported: must be false")
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX, description="0 only with echo")
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    echo: bool = False
     best_of: int | None = Field(None, ge=1, le=1, description="not supported: 1 or absent")
-    suffix: None = Field(None, description="not supported: must be absent")
 
 
 class TextPart(StrictModel):
@@ -68,6 +85,10 @@ class ChatMessage(StrictModel):
     name: str | None = None
 
 
+class ResponseFormat(StrictModel):
+    type: Literal["text"] = Field(description="only text is supported")
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -75,4 +96,22 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+
+class TokenizeRequest(StrictModel):
+    """POST /tokenize: the ids the server reads for a completion `prompt` (BOS first unless
+    `add_special_tokens` is false) or a chat's `messages` (rendered by the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(StrictModel):
+    """POST /detokenize: token ids -> text."""
+
+    model: str | None = None
+    tokens: list[TokenId]

@@ -34,14 +34,18 @@ def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
           checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
           prefill_chunk: int = 256, prefill_rows: int = 4, page_size: int = PAGE_SIZE,
           kv_pages: int | None = None) -> Served:
-    """Engine (started and warmed up: every step compiled) + app; see `Engine` for the sizes.
-    The chat template comes from `checkpoint_dir`'s tokenizer files when it has one, else
-    MiniMax's default format."""
+    """Engine (started and warmed up: reset, decode and the prefill of every length bucket
+    compiled; the prefill that also scores a prompt compiles on the first `echo` with logprobs)
+    + app; see `Engine` for the sizes. The chat template comes from `checkpoint_dir`'s tokenizer
+    files when it has one, else MiniMax's default format."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
                     prefill_chunk=prefill_chunk, prefill_rows=prefill_rows, page_size=page_size,
                     kv_pages=kv_pages)
     engine.start()
-    engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # compile every step
+    engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # the smallest bucket, decode
+    for length in engine.buckets[1:]:
+        if length < max_context and engine.pages_needed(length, 1) <= engine.pages.num_pages:
+            engine.generate([0] * length, SamplingParams(max_tokens=1, temperature=0.0))
     app = create_app(engine, tokenizer, model_name=model_name,
                      chat_template=ChatTemplate.from_dir(checkpoint_dir))
     return Served(engine, app)
