@@ -3,6 +3,7 @@ one line how to make one."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from flax import nnx
 
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.checkpoint import save_model
+from minimax_jax.serving.steps import cache_bytes
 from minimax_jax.tokenizer import ByteTokenizer
 
 SERVE = Path(__file__).resolve().parents[1] / "serve.py"
@@ -67,3 +69,22 @@ def test_serves_a_saved_checkpoint(checkpoint):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_cache_larger_than_memory_is_refused_in_one_line(checkpoint):
+    """A K/V pool of more than a TiB is refused before anything is allocated, naming both sizes;
+    --debug shows the traceback instead."""
+    cfg = MiniMaxConfig.from_yaml("configs/tiny.yaml")
+    per_page = cache_bytes(cfg, slots=1, pages_per_slot=1, page_size=8, num_pages=2) - cache_bytes(
+        cfg, slots=1, pages_per_slot=1, page_size=8, num_pages=1)
+    pages = -(-(1 << 40) // per_page)
+    cmd = [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--page-size", "8",
+           "--kv-pages", str(pages)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: the cache of 8 slots and {pages} K/V pages of 8 tokens needs [0-9.]+ GiB but "
+        r"[0-9.]+ GiB are available on this host; .*", lines[0]), lines
+    r = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr

@@ -2,7 +2,7 @@
 
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
                     [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--page-size 16]
-                    [--kv-pages N] [--dtype float32] [--model-name NAME]
+                    [--kv-pages N] [--dtype float32] [--model-name NAME] [--debug]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
 `python train.py --config configs/tiny.yaml` writes).
@@ -37,11 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "max_tokens fit (default: every slot at full context)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Load, warm up, serve until interrupted. User errors print one line and return 1."""
+    """Load, warm up, serve until interrupted. User errors (a bad checkpoint, sizes, a cache that
+    does not fit in memory) print one line and return 1 (with --debug: the traceback); usage
+    errors return 2."""
     args = parse_args(argv)
     if not args.checkpoint.is_dir():
         hint = ("train one with `python train.py --config configs/tiny.yaml`, or "
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                        prefill_rows=args.prefill_rows, page_size=args.page_size,
                        kv_pages=args.kv_pages)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:

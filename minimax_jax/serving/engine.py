@@ -28,12 +28,13 @@ from typing import Callable
 import numpy as np
 
 from minimax_jax.cache import PAGE_SIZE
+from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.metrics import Metrics
 from minimax_jax.serving.pages import PageAllocator
 from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS, Sampled,
                                           SamplingBatch, SamplingRow)
-from minimax_jax.serving.steps import Steps
+from minimax_jax.serving.steps import Steps, cache_bytes
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import Tokenizer
 
@@ -202,7 +203,12 @@ class Engine:
         self.page_size = page_size
         # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
         pages_per_slot = -(-(max_context + prefill_chunk - 1) // page_size)
-        self.pages = PageAllocator(max_batch * pages_per_slot if kv_pages is None else kv_pages)
+        num_pages = max_batch * pages_per_slot if kv_pages is None else kv_pages
+        require_memory(cache_bytes(cfg, slots=max_batch, pages_per_slot=pages_per_slot,
+                                   page_size=page_size, num_pages=num_pages),
+                       f"the cache of {max_batch} slots and {num_pages} K/V pages of {page_size} tokens",
+                       hint="lower --max-batch, --max-context or --kv-pages")
+        self.pages = PageAllocator(num_pages)
         self.steps = Steps(model, slots=max_batch, pages_per_slot=pages_per_slot,
                            page_size=page_size, num_pages=self.pages.num_pages,
                            prefill_rows=min(prefill_rows, max_batch))

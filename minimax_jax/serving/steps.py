@@ -23,6 +23,7 @@ its reset (kv_mask), so pages can pass from one request to the next as they are.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -30,10 +31,19 @@ from flax import nnx
 
 from minimax_jax.cache import (NO_PAGE, Cache, drop_writes, init_cache, keep_rows, put_rows,
                                reset_rows, take_rows)
+from minimax_jax.config import MiniMaxConfig
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Sampled, SamplingBatch,
                                           SlotState, count_fed, reset_slot, sample_rows,
                                           score_positions, see_prompt)
+
+
+def cache_bytes(cfg: MiniMaxConfig, *, slots: int, pages_per_slot: int, page_size: int,
+                num_pages: int) -> int:
+    """Bytes of the cache `Steps` allocates for these sizes (nothing is allocated)."""
+    empty = functools.partial(init_cache, cfg, slots, pages_per_slot * page_size, page_size=page_size,
+                              num_pages=num_pages)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(empty)))
 
 
 class Steps:
