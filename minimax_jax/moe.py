@@ -3,7 +3,9 @@ renormalised weights, SwiGLU experts computed dropless and grouped by expert: to
 into expert order, run through grouped matmuls (`pallas_kernels.grouped_matmul`) and gathered back
 (gathers both ways, also in the gradient). Sequences longer than TOKEN_CHUNK tokens go through the
 experts a chunk at a time, each chunk recomputed in the backward pass (memory O(TOKEN_CHUNK)).
-Under a mesh, each device routes and computes its own tokens (`sharding.tokens`)."""
+Under a mesh, each device routes and computes its own tokens (`sharding.tokens`); with an
+`expert` axis the experts are split over it and tokens travel to them by all-to-all
+(`sharding.experts`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from flax import nnx
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
 from pallas_kernels import grouped_matmul
+from sharding.experts import expert_shards, experts_parallel
 from sharding.tokens import constrain_tokens, map_token_shards
 
 TOKEN_CHUNK = 65536  # longer token sequences go through the experts this many tokens at a time
@@ -128,8 +131,21 @@ class SparseMoE(nnx.Module):
         probs, weights, experts = route(constrain_tokens(logits), self.top_k)
         stats = router_stats(probs, experts, mask)
         ws = tuple(w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
+        if expert_shards() > 1:
+            ffn = functools.partial(_experts_by_id, impl=self.impl)
+            return experts_parallel(x, weights, experts, *ws, ffn), stats
         local = functools.partial(_experts_on_tokens, num_experts=self.gate.shape[1], impl=self.impl)
         return map_token_shards(local, (x, weights, experts), ws), stats
+
+
+def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+                   impl: str) -> jax.Array:
+    """SwiGLU expert ids[m] of (w1, w3, w2) `[E, ...]` on row m of rows `[M, D]`; id E marks an
+    empty row (its output is 0). Returns `[M, D]`."""
+    zero = lambda w: jnp.concatenate([w, jnp.zeros((1, *w.shape[1:]), w.dtype)])  # noqa: E731
+    order, inverse, group_sizes = dispatch_order(ids[:, None], w1.shape[0] + 1)
+    y = expert_ffn(gather_rows(rows, order, inverse, 1), group_sizes, zero(w1), zero(w3), zero(w2), impl)
+    return gather_rows(y, inverse, order, 1)
 
 
 def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array,

@@ -25,7 +25,8 @@ from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
 from pallas_kernels.softmax import (SOFTMAX_IMPLS, paged_softmax_attention,
                                               softmax_attention)
-from sharding.lightning import lightning_attention_sp, sequence_shards
+from sharding.lightning import lightning_attention_sp
+from sharding.tokens import sequence_shards
 
 __all__ = ["lightning_attention", "lightning_decode", "IMPLS", "LIGHTNING_CHUNK", "grouped_matmul",
            "softmax_attention", "paged_softmax_attention", "SOFTMAX_IMPLS"]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from pallas_kernels import softmax_cudnn
 from pallas_kernels.reference import softmax_attention_reference
 from pallas_kernels.softmax_xla import attention_xla, paged_attention_xla
-from sharding.lightning import sequence_shards
+from sharding.tokens import sequence_shards
 from sharding.softmax import softmax_attention_ring
 
 SOFTMAX_IMPLS = ("auto", "cudnn", "xla", "reference")

@@ -20,18 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-SEQUENCE = "sequence"
+from sharding.tokens import SEQUENCE, sequence_shards, spec_axes, token_spec
 
 LocalOp = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def sequence_shards() -> int:
-    """The size of the current mesh's `sequence` axis (1 without a mesh, without that axis, or
-    inside a computation already manual over it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or SEQUENCE not in mesh.axis_names or SEQUENCE in mesh.manual_axes:
-        return 1
-    return mesh.shape[SEQUENCE]
 
 
 def lightning_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array,
@@ -51,11 +42,12 @@ def lightning_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax
         raise ValueError(f"sequence length {t} is not a multiple of the mesh's sequence axis ({shards})")
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-    tokens = P(None, SEQUENCE)
+    tokens = token_spec(*q.shape[:2])  # the sequence, and the batch where it splits too
+    rows = P(tokens[0])  # the initial and final states: split as the batch is
     run = jax.shard_map(
         lambda q, k, v, s0, seg: _shard(q, k, v, slopes, s0, seg, local_op, shards),
-        in_specs=(tokens, tokens, tokens, P(), tokens), out_specs=(tokens, P()),
-        axis_names={SEQUENCE}, check_vma=False)  # the one-device ops are not written for VMA types
+        in_specs=(tokens, tokens, tokens, rows, tokens), out_specs=(tokens, rows),
+        axis_names=spec_axes(tokens), check_vma=False)  # the one-device ops are not written for VMA types
     return run(q, k, v, initial_state, segment_ids)
 
 

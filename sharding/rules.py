@@ -28,7 +28,7 @@ DEFAULT_RULES: Mapping[str, MeshAxes] = {
     "mlp": "tensor",
     "expert": "expert",
     # activations
-    "activation_batch": ("data", "fsdp"),
+    "activation_batch": ("data", "fsdp", "expert"),  # attention runs data parallel over the experts' devices
     "activation_length": "sequence",
     "activation_embed": None,
     "activation_heads": "tensor",

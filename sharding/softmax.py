@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.softmax_xla import attention_grads, attention_with_lse
-from sharding.lightning import SEQUENCE, sequence_shards
+from sharding.tokens import SEQUENCE, sequence_shards, spec_axes, token_spec
 
 
 def softmax_attention_ring(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -37,9 +37,9 @@ def softmax_attention_ring(q: jax.Array, k: jax.Array, v: jax.Array,
         raise ValueError(f"sequence length {t} is not a multiple of the mesh's sequence axis ({shards})")
     if q_segment_ids is None:
         q_segment_ids = kv_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-    tokens = P(None, SEQUENCE)
+    tokens = token_spec(*q.shape[:2])  # the sequence, and the batch where it splits too
     ring = functools.partial(_ring, shards=shards, block_q=block_q, block_k=block_k)
-    run = jax.shard_map(ring, in_specs=(tokens,) * 5, out_specs=tokens, axis_names={SEQUENCE},
+    run = jax.shard_map(ring, in_specs=(tokens,) * 5, out_specs=tokens, axis_names=spec_axes(tokens),
                         check_vma=False)
     return run(q, k, v, q_segment_ids, kv_segment_ids)
 

@@ -9,10 +9,19 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
-from sharding.lightning import SEQUENCE
 from sharding.rules import DEFAULT_RULES
 
 BATCH_AXES = DEFAULT_RULES["activation_batch"]
+SEQUENCE = "sequence"
+
+
+def sequence_shards() -> int:
+    """The size of the current mesh's `sequence` axis (1 without a mesh, without that axis, or
+    inside a computation already manual over it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE not in mesh.axis_names or SEQUENCE in mesh.manual_axes:
+        return 1
+    return mesh.shape[SEQUENCE]
 
 
 def token_spec(b: int, t: int) -> P | None:
@@ -32,6 +41,11 @@ def token_spec(b: int, t: int) -> P | None:
     return P(batch or None, seq)
 
 
+def spec_axes(spec: P) -> set[str]:
+    """The mesh axes a PartitionSpec names."""
+    return {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
+
+
 def map_token_shards(fn: Callable[..., jax.Array], tokens: Sequence[jax.Array],
                      shared: Sequence[jax.Array]) -> jax.Array:
     """fn(*tokens, *shared) -> `[B, T, ...]`, run on each device's tokens: `tokens` are
@@ -41,9 +55,8 @@ def map_token_shards(fn: Callable[..., jax.Array], tokens: Sequence[jax.Array],
     spec = token_spec(b, t)
     if spec is None:
         return fn(*tokens, *shared)
-    manual = {a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)}
     run = jax.shard_map(fn, in_specs=(spec,) * len(tokens) + (P(),) * len(shared), out_specs=spec,
-                        axis_names=manual, check_vma=False)
+                        axis_names=spec_axes(spec), check_vma=False)
     return run(*tokens, *shared)
 
 

@@ -101,21 +101,23 @@ def softmax() -> dict:
     return out
 
 
-def model() -> dict:
-    """The tiny model (tests/conftest.py's, float32) on sequence meshes against one device: the
-    logits and the parameters' gradients of a loss over them; packed rows of two documents."""
+def model(meshes=MESHES, b: int = 2) -> dict:
+    """The tiny model (tests/conftest.py's, float32) on `meshes` against one device: the logits
+    and the parameters' gradients of a loss over them (parameters placed by the sharding rules);
+    b packed rows of two documents each."""
     from flax import nnx
 
     from conftest import tiny_config
     from minimax_jax import MiniMaxForCausalLM
+    from sharding import param_shardings
 
     cfg = tiny_config()
     graphdef, params = nnx.split(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(2)
-    b, t = 2, 128
+    t = 128
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     seg = np.ones((b, t), np.int32)
-    seg[0, 50:], seg[1, 64:] = 2, 2
+    seg[:, 50:], seg[1::2, 64:] = 2, 2
     seg = jnp.asarray(seg)
 
     def loss(params, ids, seg):
@@ -125,20 +127,27 @@ def model() -> dict:
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, logits1), g1 = step(params, ids, seg)
     out = {}
-    for shape in MESHES:
+    for shape in meshes:
         mesh = make_mesh(shape)
         tokens = NamedSharding(mesh, P(None, "sequence"))
-        args = (params, jax.device_put(ids, tokens), jax.device_put(seg, tokens))
+        args = (jax.device_put(params, param_shardings(params, mesh)), jax.device_put(ids, tokens),
+                jax.device_put(seg, tokens))
         with jax.set_mesh(mesh):
             (_, logits), g = step(*args)
             hlo = step.lower(*args).compile().as_text()
         name = "x".join(f"{a}{n}" for a, n in shape.items())
         out[name] = {"logits": rel(logits, logits1),
                      "grads": max(rel(a, c) for a, c in zip(jax.tree.leaves(g), jax.tree.leaves(g1))),
-                     "all_gathers": all_gathers(hlo)}
+                     "all_gathers": all_gathers(hlo), "all_to_alls": hlo.count("all-to-all(")}
     return out
+
+
+def experts() -> dict:
+    """`model` on meshes with an expert axis (the experts split over it), 8 rows."""
+    return model(({"data": 2, "tensor": 2, "expert": 2}, {"expert": 2, "sequence": 4},
+                  {"fsdp": 4, "expert": 2}), b=8)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    print(json.dumps({"lightning": lightning, "softmax": softmax, "model": model}[sys.argv[1]]()))
+    print(json.dumps({"lightning": lightning, "softmax": softmax, "model": model, "experts": experts}[sys.argv[1]]()))

@@ -80,3 +80,17 @@ def test_model_over_the_sequence_axis_equals_one_device(model, mesh):
     for shape in result["all_gathers"]:
         dims = [int(x) for x in re.search(r"\[([0-9,]*)\]", shape).group(1).split(",") if x]
         assert 128 not in dims or dims[-1] < 16 or shape.startswith(("s32", "pred")), shape
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return run_worker("experts")
+
+
+@pytest.mark.parametrize("mesh", ["data2xtensor2xexpert2", "expert2xsequence4", "fsdp4xexpert2"])
+def test_model_with_experts_split_equals_one_device(experts, mesh):
+    """Expert parallelism: the experts split over the expert axis, tokens sent to them and back by
+    all-to-all; logits and parameter gradients equal one device's."""
+    result = experts[mesh]
+    assert result["logits"] < RTOL and result["grads"] < RTOL, result
+    assert result["all_to_alls"] > 0, result

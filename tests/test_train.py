@@ -199,10 +199,11 @@ def test_config_without_a_model_section_is_refused(tmp_path):
 @pytest.mark.parametrize("mesh, logged", [
     ("{data: 2, fsdp: 2, tensor: 2}", "{'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2, 'sequence': 1}"),
     ("{data: 2, sequence: 4}", "{'data': 2, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'sequence': 4}"),
+    ("{data: 2, expert: 2, tensor: 2}", "{'data': 2, 'fsdp': 1, 'expert': 2, 'tensor': 2, 'sequence': 1}"),
 ])
 def test_mesh_training_matches_single_device(corpus, tmp_path, mesh, logged):
     """Two steps on an 8-device CPU mesh give the single-device losses (with a sequence axis the
-    lightning layers run split over it)."""
+    lightning and softmax layers run split over it, with an expert axis the experts)."""
     single = tmp_path / "single"
     run(*load_train_config(ROOT / "configs/tiny.yaml", _overrides(corpus, single, steps=2, batch_size=4)))
     meshed = tmp_path / "mesh"
