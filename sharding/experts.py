@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.tokens import spec_axes, token_spec
+from sharding.tokens import axis_shards, spec_axes, token_spec
 
 EXPERT = "expert"
 
@@ -28,12 +28,8 @@ LocalExperts = Callable[..., jax.Array]
 
 
 def expert_shards() -> int:
-    """The size of the current mesh's `expert` axis (1 without a mesh, without that axis, or
-    inside a computation already manual over it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or EXPERT not in mesh.axis_names or EXPERT in mesh.manual_axes:
-        return 1
-    return mesh.shape[EXPERT]
+    """`sharding.tokens.axis_shards("expert")`."""
+    return axis_shards(EXPERT)
 
 
 def experts_parallel(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array,

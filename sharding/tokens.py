@@ -15,13 +15,18 @@ BATCH_AXES = DEFAULT_RULES["activation_batch"]
 SEQUENCE = "sequence"
 
 
-def sequence_shards() -> int:
-    """The size of the current mesh's `sequence` axis (1 without a mesh, without that axis, or
-    inside a computation already manual over it)."""
+def axis_shards(axis: str) -> int:
+    """The size of the current mesh's `axis` (1 without a mesh, without that axis, or inside a
+    computation already manual over it)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or SEQUENCE not in mesh.axis_names or SEQUENCE in mesh.manual_axes:
+    if mesh.empty or axis not in mesh.axis_names or axis in mesh.manual_axes:
         return 1
-    return mesh.shape[SEQUENCE]
+    return mesh.shape[axis]
+
+
+def sequence_shards() -> int:
+    """`axis_shards("sequence")`."""
+    return axis_shards(SEQUENCE)
 
 
 def token_spec(b: int, t: int) -> P | None:
