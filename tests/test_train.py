@@ -187,6 +187,13 @@ def test_unknown_override_lists_valid_keys():
         load_train_config(ROOT / "configs/tiny.yaml", ["stepz=3"])
     with pytest.raises(ConfigError, match="model.hidden_size"):
         load_train_config(ROOT / "configs/tiny.yaml", ["model.hiden_size=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'mesh.experts'.*'mesh.expert'"):
+        load_train_config(ROOT / "configs/tiny.yaml", ["mesh.experts=2"])
+
+
+def test_mesh_axes_override_one_at_a_time():
+    tcfg, _ = load_train_config(ROOT / "configs/tiny.yaml", ["mesh={data: 2}", "mesh.expert=2", "mesh.tensor=2"])
+    assert tcfg.mesh == {"data": 2, "expert": 2, "tensor": 2}
 
 
 def test_config_without_a_model_section_is_refused(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from minimax_jax.config import ConfigError, MiniMaxConfig, coerce_fields, parse_overrides, read_yaml
+from sharding.rules import MESH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +87,15 @@ def check_seq_len(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> None:
 def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[TrainConfig, MiniMaxConfig]:
     """Read a YAML file and apply `key=value` overrides -> (TrainConfig, MiniMaxConfig).
 
-    Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`.
+    Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`,
+    mesh axis sizes as `mesh.AXIS` (or the whole `mesh={...}`).
     A config needs a `model:` section (or `init_from`): without one no model is built. Every
     problem is a ConfigError naming the file.
     """
     raw = read_yaml(path)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
-    valid = train_keys + [f"model.{k}" for k in MiniMaxConfig.field_names()]
+    valid = (train_keys + [f"model.{k}" for k in MiniMaxConfig.field_names()]
+             + [f"mesh.{a}" for a in MESH_AXES])
     unknown = sorted(set(raw) - set(train_keys) - {"model"})
     if unknown:
         raise ConfigError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
@@ -103,6 +106,8 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
     for key, value in parse_overrides(overrides, valid).items():
         if key.startswith("model."):
             model[key.removeprefix("model.")] = value
+        elif key.startswith("mesh."):
+            train["mesh"] = {**(train.get("mesh") or {}), key.removeprefix("mesh."): value}
         else:
             train[key] = value
     if not model and not train.get("init_from"):
