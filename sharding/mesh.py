@@ -61,21 +61,25 @@ def make_mesh(shape: Mapping[str, int]) -> Mesh:
 
 def param_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> Any:
     """NamedShardings for an nnx.State of Params, from each Param's logical axis names
-    (`out_sharding` metadata) through `rules`. A mesh axis that does not divide a dimension is
-    dropped for that dimension (replicated) rather than padding it."""
+    (`out_sharding` metadata) through `rules`. A mesh axis group that does not divide the
+    dimension it shards is a ValueError naming the parameter, the dimension and the axes."""
 
-    def one(v: nnx.Variable) -> NamedSharding:
+    def one(path, v: nnx.Variable) -> NamedSharding:
         names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
         spec = logical_to_spec(names, rules)
         dims = []
-        for size, axes in zip(v.shape, spec):
+        for size, name, axes in zip(v.shape, names, spec):
             group = (axes,) if isinstance(axes, str) else tuple(axes or ())
             group = tuple(a for a in group if mesh.shape[a] > 1)
-            ok = group and size % math.prod(mesh.shape[a] for a in group) == 0
-            dims.append((group if len(group) > 1 else group[0]) if ok else None)
+            ways = math.prod(mesh.shape[a] for a in group)
+            if size % ways:
+                raise ValueError(f"parameter {jax.tree_util.keystr(path, simple=True, separator='.')}: its "
+                                 f"{name} dimension ({size}) cannot be split {ways} ways over mesh axes "
+                                 f"{list(group)} (sizes {dict(mesh.shape)})")
+            dims.append((group if len(group) > 1 else group[0]) if group else None)
         return NamedSharding(mesh, PartitionSpec(*dims))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> NamedSharding:

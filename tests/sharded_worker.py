@@ -148,6 +148,23 @@ def experts() -> dict:
                   {"fsdp": 4, "expert": 2}), b=8)
 
 
+def indivisible() -> dict:
+    """The error for a mesh axis that does not divide the parameter dimension it shards."""
+    from flax import nnx
+
+    from conftest import tiny_config
+    from minimax_jax import MiniMaxForCausalLM
+    from sharding import param_shardings
+
+    params = nnx.state(nnx.eval_shape(lambda: MiniMaxForCausalLM(tiny_config(), rngs=nnx.Rngs(0))), nnx.Param)
+    try:
+        param_shardings(params, make_mesh({"tensor": 8}))
+    except ValueError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    print(json.dumps({"lightning": lightning, "softmax": softmax, "model": model, "experts": experts}[sys.argv[1]]()))
+    print(json.dumps({"lightning": lightning, "softmax": softmax, "model": model, "experts": experts,
+                      "indivisible": indivisible}[sys.argv[1]]()))

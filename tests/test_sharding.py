@@ -94,3 +94,12 @@ def test_model_with_experts_split_equals_one_device(experts, mesh):
     result = experts[mesh]
     assert result["logits"] < RTOL and result["grads"] < RTOL, result
     assert result["all_to_alls"] > 0, result
+
+
+def test_a_mesh_axis_that_does_not_divide_a_parameter_is_an_error():
+    """tensor 8 over the tiny model's 4 heads: an error naming the parameter, the dimension and
+    the axis, rather than a silent replication."""
+    error = run_worker("indivisible")["error"]
+    assert error is not None and re.search(
+        r"parameter blocks\.layers\.0\.\S+: its heads dimension \(4\) cannot be split 8 ways over mesh axes "
+        r"\['tensor'\]", error), error
