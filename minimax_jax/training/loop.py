@@ -86,24 +86,35 @@ def training_bytes(cfg: MiniMaxConfig) -> int:
     return n * (2 * np.dtype(cfg.param_dtype).itemsize + 2 * 4)
 
 
-def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
-                allow_non_finite: bool = False) -> MiniMaxForCausalLM:
+def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Mesh | None = None,
+                verify: bool = True, allow_non_finite: bool = False) -> MiniMaxForCausalLM:
     """A fresh model, or the weights of `init_from` (architecture from that checkpoint, the
     compute fields of `mcfg`: every layer is built with them, then the weights are put in,
     checked against the checkpoint's checksums unless `verify=False` and refused with NaN / Inf
-    unless `allow_non_finite`). Refuses a `seq_len` beyond the model's positions and a model
-    whose training state cannot fit in the devices' memory, before allocating anything."""
+    unless `allow_non_finite`). With a mesh a fresh model is created already split over it (each
+    device initialises its own shards; the whole model never sits on one device) and loaded
+    weights are placed on it. Refuses a `seq_len` beyond the model's positions and a model whose
+    training state cannot fit in the devices' memory, before allocating anything."""
     cfg = model_config(tcfg, mcfg)
     check_seq_len(tcfg, cfg)
     devices = jax.devices() if tcfg.mesh else None
     require_memory(training_bytes(cfg), f"training the {cfg.num_hidden_layers}-layer, "
                    f"{cfg.hidden_size}-wide model (params, gradients, AdamW state)", devices)
+    create = lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(tcfg.seed))  # noqa: E731
+    model = nnx.eval_shape(create)
+    shardings = None if mesh is None else param_shardings(nnx.state(model, nnx.Param), mesh)
     if tcfg.init_from is None:
-        return MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(tcfg.seed))
-    loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, verify=verify, allow_non_finite=allow_non_finite)
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(model, nnx.state(loaded, nnx.Param))
-    log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
+        if shardings is None:
+            return create()
+        state = jax.jit(lambda: nnx.state(create(), nnx.Param), out_shardings=shardings)()
+    else:
+        loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, verify=verify,
+                            allow_non_finite=allow_non_finite)
+        state = nnx.state(loaded, nnx.Param)
+        if shardings is not None:
+            state = jax.device_put(state, shardings)
+        log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
+    nnx.update(model, state)
     return model
 
 
@@ -138,7 +149,8 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     checkpoints = TrainCheckpoints(tcfg.checkpoints, keep=tcfg.keep_checkpoints, save_every=tcfg.save_every,
                                    verify=verify)
     tokenizer = load_tokenizer(tcfg.tokenizer)
-    model = build_model(tcfg, mcfg, verify=verify, allow_non_finite=allow_non_finite)
+    mesh = make_mesh(tcfg.mesh) if tcfg.mesh else None
+    model = build_model(tcfg, mcfg, mesh=mesh, verify=verify, allow_non_finite=allow_non_finite)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {mcfg.vocab_size}")
@@ -151,10 +163,8 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     graphdef, params = nnx.split(model)
     place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
     mesh_scope = contextlib.nullcontext  # the steps run under the mesh, so the ops see it
-    if tcfg.mesh:
-        mesh = make_mesh(tcfg.mesh)
+    if mesh is not None:
         mesh_scope = functools.partial(jax.set_mesh, mesh)
-        params = jax.device_put(params, param_shardings(params, mesh))
         batch_spec = batch_sharding(mesh)
         place_batch = lambda batch: jax.device_put(batch, batch_spec)  # noqa: E731
         log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
