@@ -142,10 +142,10 @@ def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array
                    impl: str) -> jax.Array:
     """SwiGLU expert ids[m] of (w1, w3, w2) `[E, ...]` on row m of rows `[M, D]`; id E marks an
     empty row (its output is 0). Returns `[M, D]`."""
-    zero = lambda w: jnp.concatenate([w, jnp.zeros((1, *w.shape[1:]), w.dtype)])  # noqa: E731
-    order, inverse, group_sizes = dispatch_order(ids[:, None], w1.shape[0] + 1)
-    y = expert_ffn(gather_rows(rows, order, inverse, 1), group_sizes, zero(w1), zero(w3), zero(w2), impl)
-    return gather_rows(y, inverse, order, 1)
+    empty = ids == w1.shape[0]
+    order, inverse, group_sizes = dispatch_order(jnp.where(empty, 0, ids)[:, None], w1.shape[0])
+    y = expert_ffn(gather_rows(rows, order, inverse, 1), group_sizes, w1, w3, w2, impl)
+    return jnp.where(empty[:, None], 0, gather_rows(y, inverse, order, 1))
 
 
 def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array,

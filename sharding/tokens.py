@@ -36,11 +36,11 @@ def token_spec(b: int, t: int) -> P | None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    free = lambda a: a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1  # noqa: E731
-    batch = tuple(a for a in BATCH_AXES if free(a))
+    batch = tuple(a for a in BATCH_AXES if axis_shards(a) > 1)
     if b % math.prod(mesh.shape[a] for a in batch):
         batch = ()
-    seq = SEQUENCE if free(SEQUENCE) and t % mesh.shape[SEQUENCE] == 0 else None
+    shards = sequence_shards()
+    seq = SEQUENCE if shards > 1 and t % shards == 0 else None
     if not batch and seq is None:
         return None
     return P(batch or None, seq)
