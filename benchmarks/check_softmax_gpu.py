@@ -1,9 +1,10 @@
 """GPU correctness of the softmax op's cuDNN paths with several rows, and of the training step.
 
-    python3 benchmarks/check_softmax_gpu.py
+    python3 benchmarks/check_softmax_gpu.py [--ops]   (--ops: the op checks only)
 
 1. impl="auto" (cuDNN, packed segments) against impl="xla" at B 1 / 2 / 4 with different
-   document boundaries per row: output and gradients, max |error| / max |xla|, bf16.
+   document boundaries per row, and the packed form run as 2 and 8 head groups: output and
+   gradients, max |error| / max |xla|, bf16.
 2. One training step of configs/small.yaml (seq_len 2048, batch 4, packed documents) with every op
    on "auto" and with every op on its XLA form: losses finite and equal within bf16 tolerance.
 """
@@ -18,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels import softmax_attention  # noqa: E402
+from pallas_kernels import softmax_attention, softmax_cudnn  # noqa: E402
 
 
-def op_check(b: int, t: int = 2048, h: int = 8, n: int = 2, d: int = 128) -> float:
+def op_check(b: int, t: int = 2048, h: int = 8, n: int = 2, d: int = 128,
+             head_groups: int = 0) -> float:
+    """Max relative error of impl="auto" (head_groups 0) or of the packed cuDNN form in that many
+    head groups, against impl="xla"."""
     rng = np.random.default_rng(b)
     seg = np.stack([np.repeat(np.arange(40), rng.integers(1, t // 4, 40))[:t] for _ in range(b)])
     seg = jnp.asarray(seg, jnp.int32)
@@ -31,15 +35,24 @@ def op_check(b: int, t: int = 2048, h: int = 8, n: int = 2, d: int = 128) -> flo
     v = jax.random.normal(keys[2], (b, t, n, d), jnp.bfloat16)
     do = jax.random.normal(keys[3], (b, t, h, d), jnp.bfloat16)
 
-    def run(impl):
-        f = lambda q, k, v: softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl=impl)
+    def attend(impl):
+        return lambda q, k, v: softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                                                 impl=impl)
+
+    def run(f):
         o, vjp = jax.vjp(f, q, k, v)
         return (o, *vjp(do))
 
-    got, want = jax.jit(lambda: run("auto"))(), jax.jit(lambda: run("xla"))()
+    ours = attend("auto")
+    if head_groups:
+        ours = lambda q, k, v: softmax_cudnn.packed_cudnn(  # noqa: E731
+            q, k, v, seg, lambda: jnp.full(q.shape, jnp.nan, q.dtype), max_segments=64 * b,
+            head_groups=head_groups)
+    got, want = jax.jit(lambda: run(ours))(), jax.jit(lambda: run(attend("xla")))()
     errs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - w.astype(jnp.float32)))
                   / float(jnp.max(jnp.abs(w.astype(jnp.float32))))) for a, w in zip(got, want)]
-    print(f"op B={b}: errors o/dq/dk/dv {' '.join(f'{e:.2e}' for e in errs)} "
+    print(f"op B={b} head groups {head_groups or 'auto'}: errors o/dq/dk/dv "
+          f"{' '.join(f'{e:.2e}' for e in errs)} "
           f"{'PASS' if max(errs) < 2e-2 else 'FAIL'}", flush=True)
     return max(errs)
 
@@ -74,4 +87,7 @@ def step_check() -> None:
 if __name__ == "__main__":
     for b in (1, 2, 4):
         op_check(b)
-    step_check()
+    op_check(1, head_groups=2)
+    op_check(2, h=64, n=8, head_groups=8)
+    if "--ops" not in sys.argv:
+        step_check()

@@ -14,8 +14,8 @@ prompt through the serving engine.
     being everything else (projections, norms, loss, optimizer).
 --prefill: for each prompt length, the width-reduced config of benchmarks/serve.py's long-prompt
     run (hidden 512, 4 heads, 1 KV head, 16 layers) through the engine in one prefill chunk, then
-    16 greedy decoded tokens: prefill seconds (to the first token), ms per decoded token after it,
-    peak memory.
+    16 greedy decoded tokens: prefill seconds (to the first token; the prompt's second run, the
+    first compiles), ms per decoded token after it, peak memory. Progress lines show each phase.
 Results: one JSON line per row on stdout, all rows in --out/long_context.json.
 """
 
@@ -161,8 +161,13 @@ def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
     return row
 
 
-def prefill_row(n_tokens: int, new_tokens: int = 16) -> dict:
-    """One n_tokens prompt through the engine in one chunk, then new_tokens greedy tokens."""
+def prefill_row(n_tokens: int, save, new_tokens: int = 16) -> dict:
+    """One n_tokens prompt through the engine in one chunk, then new_tokens greedy tokens.
+
+    Phases, each saved (`save(row)`) as it ends so a run cut short keeps what it measured: a
+    16-token request (compiles decode), the prompt once (compiles its prefill bucket; its time
+    is an upper bound), the prompt again (the measurement).
+    """
     import jax
     from flax import nnx
 
@@ -170,20 +175,20 @@ def prefill_row(n_tokens: int, new_tokens: int = 16) -> dict:
     from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
     from minimax_jax.serving.engine import Engine, SamplingParams
 
+    t_start = time.perf_counter()
     cfg = MiniMaxConfig.from_yaml("configs/small.yaml", PREFILL_OVERRIDES).replace(param_dtype="bfloat16")
     model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
     engine = Engine(model, NoEosTokenizer(), max_batch=1, max_context=n_tokens + new_tokens + 1,
                     prefill_chunk=n_tokens, prefill_rows=1)
     engine.start()
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, n_tokens).tolist()
-    try:
-        # prefill lengths are bucketed: compile the full-length bucket (and decode) with the
-        # prompt itself, so the timed run below compiles nothing
-        print(f"prompt {n_tokens}: compiling (the same prompt once)", flush=True)
-        t0 = time.perf_counter()
-        engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0), timeout=3600)
-        compile_s = time.perf_counter() - t0
-        print(f"prompt {n_tokens}: prefill, then {new_tokens} tokens", flush=True)
+    row: dict = {"tokens": n_tokens, "cache_gib": sum(x.nbytes for x in jax.tree.leaves(engine.steps.cache)) / 2**30}
+
+    def log(msg: str) -> None:
+        print(f"prompt {n_tokens} [{time.perf_counter() - t_start:.0f} s]: {msg}", flush=True)
+
+    def timed_prompt() -> tuple[float, float, int]:
+        """(seconds to the first token, ms per decoded token after it, tokens decoded)."""
         stamps: list[float] = []
         done = threading.Event()
 
@@ -195,15 +200,34 @@ def prefill_row(n_tokens: int, new_tokens: int = 16) -> dict:
         t0 = time.perf_counter()
         engine.submit(prompt, SamplingParams(max_tokens=new_tokens + 1, temperature=0.0), collect)
         done.wait(3600)
+        return (stamps[0] - t0, 1e3 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+                len(stamps))
+
+    def memory() -> None:
+        row["peak_gib"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+
+    try:
+        log(f"model and engine built, K/V pages + states {row['cache_gib']:.1f} GiB; a 16-token "
+            "request (compiles decode)")
+        t0 = time.perf_counter()
+        engine.generate(prompt[:16], SamplingParams(max_tokens=2, temperature=0.0), timeout=3600)
+        row["short_request_s"] = time.perf_counter() - t0
+        log(f"short request {row['short_request_s']:.1f} s; the prompt once (compiles its prefill)")
+        first_s, ms, n = timed_prompt()
+        row.update(first_prefill_s=first_s, decode_ms_per_token=ms, decoded=n)
+        memory()
+        save(row)
+        log(f"first prefill {first_s:.1f} s (with compilation), {ms:.1f} ms per decoded token; "
+            "the prompt again (timed)")
+        prefill_s, ms, n = timed_prompt()
+        row.update(prefill_s=prefill_s, prefill_tokens_per_s=n_tokens / prefill_s,
+                   decode_ms_per_token=ms, decoded=n, compile_s=first_s - prefill_s)
+        memory()
+        save(row)
+        log(f"prefill {prefill_s:.2f} s, {ms:.1f} ms per decoded token")
     finally:
         engine.stop()
-    stats = jax.devices()[0].memory_stats() or {}
-    prefill_s = stamps[0] - t0
-    return {"tokens": n_tokens, "prefill_s": prefill_s, "prefill_tokens_per_s": n_tokens / prefill_s,
-            "decode_ms_per_token": 1e3 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
-            "decoded": len(stamps), "compile_s": compile_s,
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "cache_gib": sum(x.nbytes for x in jax.tree.leaves(engine.steps.cache)) / 2**30}
+    return row
 
 
 def run_child(kind: str, size: str, out: str, timeout: float, steps: int, docs: int) -> dict:
@@ -212,16 +236,21 @@ def run_child(kind: str, size: str, out: str, timeout: float, steps: int, docs: 
     path = os.path.join(rows_dir, f"long_{kind}_{size}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, size, "--out", rows_dir,
            "--steps", str(steps), "--docs", str(docs)]
-    try:
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"kind": kind, "size": size, "error": f"over {timeout:.0f} s"}
-    sys.stdout.write(proc.stdout)
-    if proc.returncode != 0 or not os.path.exists(path):
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        return {"kind": kind, "size": size, "error": " | ".join(tail)}
-    with open(path) as f:
-        return json.load(f)
+    with tempfile.TemporaryFile("w+") as err:
+        try:  # the child's progress goes straight to our stdout
+            proc = subprocess.run(cmd, timeout=timeout, stderr=err, text=True)
+            failed = "" if proc.returncode == 0 else "exit status %d" % proc.returncode
+        except subprocess.TimeoutExpired:
+            failed = f"over {timeout:.0f} s"
+        err.seek(0)
+        tail = err.read().strip().splitlines()[-3:]
+    row = {}
+    if os.path.exists(path):  # a row cut short keeps the phases it saved
+        with open(path) as f:
+            row = json.load(f)
+    if failed or not row:
+        row.update(error=" | ".join([failed or "no result", *tail]))
+    return {"kind": kind, "size": size, **row}
 
 
 def main() -> None:
@@ -239,13 +268,17 @@ def main() -> None:
         # one process per row: let it use the device's memory, not XLA's default 75%
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
         kind, size = args.child[0], args.child[1]
+
+        def save(row: dict) -> None:
+            with open(os.path.join(args.out, f"long_{kind}_{size}.json"), "w") as f:
+                json.dump(row, f, indent=1)
+
         if kind == "train":
             seq_len, _, batch = size.partition("x")
             row = train_row(int(seq_len), int(batch or 1), args.steps, args.docs)
         else:
-            row = prefill_row(int(size))
-        with open(os.path.join(args.out, f"long_{kind}_{size}.json"), "w") as f:
-            json.dump(row, f, indent=1)
+            row = prefill_row(int(size), save)
+        save(row)
         print(json.dumps(row), flush=True)
         return
     import jax
@@ -259,7 +292,7 @@ def main() -> None:
             if left < 30:
                 print(f"skipped {kind} {size}: budget spent", flush=True)
                 continue
-            rows.append({"kind": kind, **run_child(kind, size, args.out, left, args.steps, args.docs)})
+            rows.append(run_child(kind, size, args.out, left, args.steps, args.docs))
             print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "long_context.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -252,8 +252,9 @@ def check(results: dict, setup: Setup, impl: str, on_gpu: bool, budget: float) -
     del cache
 
 
-def jobs(setup: Setup, impl: str) -> list[Job]:
-    """Every timed row in priority order: ours and the peers, the packed sweep, then xla."""
+def jobs(setup: Setup, impl: str, sweep: bool = True) -> list[Job]:
+    """Every timed row in priority order: ours and the peers, the packed sweep (if sweep), then
+    xla."""
     main, sweep, xla = [], [], []
     for t in setup.lengths:
         for segments in (False, True):
@@ -266,7 +267,7 @@ def jobs(setup: Setup, impl: str) -> list[Job]:
                                     jnp.dtype(jnp.float16)))
                 if t <= setup.xla_max_t:
                     xla.append(Job(t, segments, mode, "xla", ours("xla"), False))
-    for m in MAX_SEGMENTS_SWEEP:
+    for m in MAX_SEGMENTS_SWEEP if sweep else ():
         for mode in MODES:
             sweep.append(Job(setup.lengths[-1], True, mode, f"cudnn_packed_m{m}", cudnn_packed(m),
                              True))
@@ -286,10 +287,10 @@ def new_row(setup: Setup, t: int, segments: bool, mode: str, seg: jax.Array) -> 
 
 
 def bench(results: dict, setup: Setup, impl: str, on_gpu: bool, budget: float,
-          save: Callable[[], None]) -> None:
+          save: Callable[[], None], sweep: bool = True) -> None:
     rows: dict[tuple[int, bool, str], dict] = {}
     x, x_t = {}, None
-    for job in jobs(setup, impl):
+    for job in jobs(setup, impl, sweep):
         if job.gpu_only and not on_gpu:
             print(f"skip {job.label()}: not on a GPU", flush=True)
             continue
@@ -359,6 +360,8 @@ def render_timings(results: dict) -> list[str]:
 
 
 def render_packed(results: dict) -> list[str]:
+    if not any(name.startswith("cudnn_packed") for r in results["rows"] for name in r["ms"]):
+        return []
     t = results["setup"]["lengths"][-1]
     first = MAX_SEGMENTS_SWEEP[0]
     lines = [f"cuDNN packed path, T={t} with segment ids, by max_segments (segment table padded to "
@@ -421,8 +424,13 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget", type=float, default=400.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, impl xla, any backend")
+    parser.add_argument("--lengths", default="",
+                        help="comma-separated T to time instead of the default ones (the "
+                             "max_segments sweep then does not run)")
     args = parser.parse_args()
     setup, impl = (SMOKE, "xla") if args.smoke else (FULL, "auto")
+    if args.lengths:
+        setup = dataclasses.replace(setup, lengths=tuple(int(t) for t in args.lengths.split(",")))
     on_gpu = jax.devices()[0].platform == "gpu"
     results = header(setup, impl)
     print(f"device {results['device']}; jax {results['jax']}; cuDNN {results['cudnn']}; "
@@ -436,7 +444,7 @@ def main() -> None:
 
     check(results, setup, impl, on_gpu, args.budget)
     save()
-    bench(results, setup, impl, on_gpu, args.budget, save)
+    bench(results, setup, impl, on_gpu, args.budget, save, sweep=not args.lengths)
     add_ratios(results)
     save()
     table = render(results)

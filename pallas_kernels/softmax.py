@@ -8,7 +8,7 @@ sees no key gets 0.
 
 Implementations (``SOFTMAX_IMPLS``): "cudnn" (cuDNN flash attention, Hopper, self-attention; with
 segment ids through cuDNN's packed form where its backward workspace fits, see
-``softmax_cudnn.packed_segment_limit``), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
+``softmax_cudnn.packed_plan``), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
 backward, any backend), "reference" (all scores at once; the oracle) and "auto" (cuDNN where it
 supports the call, else "xla"). A call an implementation does not support falls back to "xla".
 Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
@@ -80,10 +80,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
             return softmax_cudnn.causal_cudnn(q, k, v)
-        limit = softmax_cudnn.packed_segment_limit(q)
+        limit, groups = softmax_cudnn.packed_plan(q, k.shape[2])
         if limit == 0:
             return xla()
-        cudnn = lambda: softmax_cudnn.packed_cudnn(q, k, v, q_segment_ids, xla, max_segments=limit)
+        cudnn = lambda: softmax_cudnn.packed_cudnn(q, k, v, q_segment_ids, xla, max_segments=limit,
+                                                   head_groups=groups)
         if q_segment_ids is kv_segment_ids:
             return cudnn()
         return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids), cudnn, xla)

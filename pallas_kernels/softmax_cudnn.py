@@ -20,18 +20,28 @@ from pallas_kernels.device import is_hopper
 from pallas_kernels.reference import segment_starts
 
 MAX_SEGMENTS = 64  # default segments per row in cuDNN's packed form
-# cuDNN's packed backward allocates about (2 M + 1) * B * T * H * K float32 of workspace (measured
-# on an H200: 258 GiB at M 64, T 65,536, H 64, K 128); calls over this bound take the XLA path.
+# cuDNN's packed backward allocates about (2 M + 1) * B * T * H * K float32 of workspace for the H
+# heads of one call (measured on an H200: 258 GiB at M 64, T 65,536, H 64, K 128); calls over this
+# bound run their heads in groups, one after the other, or take the XLA path.
 PACKED_WORKSPACE_BYTES = 16 << 30
 
 
-def packed_segment_limit(q: jax.Array) -> int:
-    """The segments of cuDNN's packed form for q `[B, T, H, K]`: MAX_SEGMENTS per row, or fewer
-    so that the backward workspace stays within PACKED_WORKSPACE_BYTES; 0 when even one does not
-    fit."""
+def packed_plan(q: jax.Array, num_kv_heads: int) -> tuple[int, int]:
+    """(segments, head groups) of cuDNN's packed form for q `[B, T, H, K]` with N kv heads.
+
+    Segments: MAX_SEGMENTS per row, or fewer where even the finest grouping leaves the backward
+    workspace over PACKED_WORKSPACE_BYTES (0: not even one fits). Head groups: the fewest (a
+    divisor of N) cuDNN calls over H / groups query heads each, run one after the other, that
+    reach those segments within the bound.
+    """
     b, t, h, k = q.shape
-    fit = (PACKED_WORKSPACE_BYTES // (b * t * h * k * 4) - 1) // 2
-    return int(max(0, min(MAX_SEGMENTS * b, fit)))
+    want = MAX_SEGMENTS * b
+    fit = 0
+    for groups in (g for g in range(1, num_kv_heads + 1) if num_kv_heads % g == 0):
+        fit = (PACKED_WORKSPACE_BYTES // (b * t * (h // groups) * k * 4) - 1) // 2
+        if fit >= want:
+            return want, groups
+    return int(max(0, fit)), num_kv_heads
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, causal_offset: bool) -> bool:
@@ -72,13 +82,16 @@ def causal_cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def packed_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                 fallback: Callable[[], jax.Array], *, max_segments: int) -> jax.Array:
+                 fallback: Callable[[], jax.Array], *, max_segments: int,
+                 head_groups: int = 1) -> jax.Array:
     """cuDNN flash attention, causal within documents: `causal_cudnn` with segment_ids int
     `[B, T]` (the same for queries and keys).
 
     The B rows go to cuDNN as one packed row of max_segments segments (see
-    `packed_segment_limit`): segments never cross rows, and one row is the form that gives correct
-    results on the GPU. `fallback()` computes the same attention another way; it runs when the
+    `packed_plan`): segments never cross rows, and one row is the form that gives correct
+    results on the GPU. head_groups (a divisor of k's N heads) > 1 runs the heads as that many
+    cuDNN calls one after the other (query heads h * G / N ... with their kv heads), each with
+    1 / head_groups of the workspace. `fallback()` computes the same attention another way; it runs when the
     segment ids do not fit the packed form (see `packed_segments`). Returns `[B, T, H, K]` in q's
     dtype.
     """
@@ -88,10 +101,18 @@ def packed_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arra
     lengths, offsets, ok = packed_segments(flat(row_ids), max_segments)
     ok &= jnp.all(segment_ids >= 0)
 
+    def call(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        return cudnn.dot_product_attention(
+            *qkv, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+            scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
     def packed(_):
-        o = cudnn.dot_product_attention(
-            flat(q), flat(k), flat(v), q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-            kv_offsets=offsets, scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL)
-        return o.reshape(q.shape)
+        if head_groups == 1:
+            return call((flat(q), flat(k), flat(v))).reshape(q.shape)
+        # [B, T, heads, K] -> [groups, 1, B * T, heads / groups, K]
+        split = lambda x: jnp.moveaxis(
+            x.reshape(1, b * t, head_groups, x.shape[2] // head_groups, x.shape[3]), 2, 0)
+        o = lax.map(call, (split(q), split(k), split(v)))
+        return jnp.moveaxis(o, 0, 2).reshape(q.shape)
 
     return lax.cond(ok, packed, lambda _: fallback(), None)

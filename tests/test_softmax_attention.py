@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_softmax_attention, softmax_attention
-from pallas_kernels.softmax_cudnn import packed_segments
+from pallas_kernels.softmax_cudnn import (MAX_SEGMENTS, PACKED_WORKSPACE_BYTES, packed_plan,
+                                           packed_segments)
 
 # float32 blockwise against float64: each output is a convex combination of values (|v| ~ 1) with
 # weights from float32 exponentials, and each gradient sums at most S terms of that size; sums of
@@ -162,6 +163,25 @@ def test_packed_segments_describe_runs():
     assert bool(ok)
     assert not bool(packed_segments(seg[:1], 2)[2])  # three runs, room for two
     assert not bool(packed_segments(seg[2:], 8)[2])  # id 0 in two runs: not a packed layout
+
+
+@pytest.mark.parametrize("shape, n", [((1, 4096, 64, 128), 8), ((1, 65536, 64, 128), 8),
+                                      ((2, 16384, 8, 128), 2), ((1, 1 << 20, 8, 128), 2),
+                                      ((1, 1 << 22, 64, 128), 8)])
+def test_packed_plan_keeps_the_workspace_bound(shape, n):
+    """The fewest kv-head groups whose per-call backward workspace, (2 M + 1) * B * T * H/g * K
+    float32, stays within the bound for MAX_SEGMENTS per row, or the finest grouping's most."""
+    b, t, h, k = shape
+    segments, groups = packed_plan(jax.ShapeDtypeStruct(shape, jnp.bfloat16), n)
+    workspace = lambda m, g: (2 * m + 1) * b * t * (h // g) * k * 4
+    assert n % groups == 0 and segments <= MAX_SEGMENTS * b
+    if segments:
+        assert workspace(segments, groups) <= PACKED_WORKSPACE_BYTES
+    if segments == MAX_SEGMENTS * b:  # no coarser grouping reaches the full table
+        assert all(workspace(segments, g) > PACKED_WORKSPACE_BYTES
+                   for g in range(1, groups) if n % g == 0)
+    else:  # the finest grouping, and one more segment would not fit
+        assert groups == n and workspace(segments + 1, groups) > PACKED_WORKSPACE_BYTES
 
 
 def test_cudnn_request_off_hopper_falls_back(rng):
