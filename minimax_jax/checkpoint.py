@@ -42,6 +42,8 @@ from minimax_jax.config import MiniMaxConfig, parse_json
 from minimax_jax.hf_names import IGNORED, Entry, ParamPath, detect_layout, expected_entries
 from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.tokenizer import (BYTE_TOKENIZER_FILE, HF_CONFIG_FILE, HF_TOKENIZER_FILE, load_tokenizer,
+                                   write_hf_files)
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
@@ -49,7 +51,7 @@ CHECKSUM_FILE = "checksums.json"
 INDEX_FILE = "model.safetensors.index.json"
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-             "chat_template.jinja", "chat_template.json")
+             "chat_template.jinja", "chat_template.json", BYTE_TOKENIZER_FILE)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 ST_DTYPES = {"F64": np.dtype(np.float64), "F32": DTYPES["float32"], "BF16": DTYPES["bfloat16"],
@@ -515,10 +517,14 @@ def atomic_directory(out: Path) -> Iterator[Path]:
 
 
 def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer / generation files present in `src` to `dst`; returns their names."""
+    """Copy the tokenizer / generation files present in `src` to `dst`, then write the HF
+    `tokenizer.json` / `tokenizer_config.json` of `src`'s tokenizer (`load_tokenizer`: the byte
+    tokenizer when it has none) where they are missing; returns the names copied."""
     names = [n for n in AUX_FILES if (Path(src) / n).is_file()]
     for name in names:
         shutil.copy2(Path(src) / name, Path(dst) / name)
+    if not all((Path(dst) / n).is_file() for n in (HF_TOKENIZER_FILE, HF_CONFIG_FILE)):
+        write_hf_files(load_tokenizer(src), dst, overwrite=False)
     return names
 
 

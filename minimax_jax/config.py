@@ -23,6 +23,8 @@ LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
 DTYPES = ("float32", "bfloat16", "float16")
+TEXT_01, M1 = "minimax", "minimax_m1"  # model types: MiniMax-Text-01 / VL-01's text model, MiniMax-M1
+ARCHITECTURES = {TEXT_01: "MiniMaxForCausalLM", M1: "MiniMaxM1ForCausalLM"}
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,7 @@ class MiniMaxConfig:
     softmax_impl: str = "auto"
     moe_impl: str = "auto"
     remat: bool = False
+    model_type: str = TEXT_01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -103,7 +106,7 @@ class MiniMaxConfig:
             )
         for key, valid in (("dtype", DTYPES), ("param_dtype", DTYPES),
                            ("lightning_impl", LIGHTNING_IMPLS), ("softmax_impl", SOFTMAX_IMPLS),
-                           ("moe_impl", MOE_IMPLS)):
+                           ("moe_impl", MOE_IMPLS), ("model_type", tuple(ARCHITECTURES))):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
 
@@ -192,8 +195,11 @@ class MiniMaxConfig:
         Remote layout: `attn_type_list` (0 lightning, 1 softmax), `layernorm_*_alpha|beta`,
         `rotary_dim`, `rope_theta`. Native layout: `layer_types`, `*_alpha_factor|_beta_factor`,
         `rope_parameters` (with `rope_theta`, optional `partial_rotary_factor`). A VL config's
-        `text_config` is used when present. `extra` sets our own fields (dtype, ...). Any problem
-        is a ConfigError naming the file (or "HF config" for a dict) and the key.
+        `text_config` is used when present. MiniMax-M1 (`model_type` "minimax_m1" or the
+        architecture `MiniMaxM1ForCausalLM`) reads the same way. `shared_intermediate_size`
+        (a number or a list of them) must be 0: no release has a shared expert. `extra` sets our
+        own fields (dtype, ...). Any problem is a ConfigError naming the file (or "HF config" for a
+        dict) and the key.
         """
         where = "HF config"
         if not isinstance(hf, Mapping):
@@ -226,8 +232,8 @@ class MiniMaxConfig:
         `layer_types` / `attn_type_list` so that either loader reads it.
         """
         return {
-            "architectures": ["MiniMaxForCausalLM"],
-            "model_type": "minimax",
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -305,6 +311,11 @@ def _hf_values(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
         layer_types = [FULL if t == 1 else LINEAR for t in kinds]
     else:
         raise ConfigError(f"{where}: has neither 'layer_types' nor 'attn_type_list'")
+    shared = hf.get("shared_intermediate_size", 0)
+    if any(_number(v, "shared_intermediate_size", int, where) for v in (shared if isinstance(shared, list) else [shared])):
+        raise ConfigError(f"{where}: shared_intermediate_size={shared!r}: shared experts are not supported "
+                          "(0 only)")
+    m1 = hf.get("model_type") == M1 or ARCHITECTURES[M1] in (hf.get("architectures") or [])
     rope = hf.get("rope_parameters") or {}
     if not isinstance(rope, Mapping):
         raise ConfigError(f"{where}: rope_parameters={rope!r} is not an object")
@@ -339,6 +350,7 @@ def _hf_values(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
         mlp_beta_factor=get("mlp_beta_factor", float, 1.0, fallback="layernorm_mlp_beta"),
         router_aux_loss_coef=get("router_aux_loss_coef", float, 0.001),
         initializer_range=get("initializer_range", float, 0.02),
+        model_type=M1 if m1 else TEXT_01,
     )
 
 

@@ -112,18 +112,19 @@ def test_default_chat_format_and_checkpoint_templates(tmp_path):
                     "<beginning_of_sentence>ai name=assistant\nA<end_of_sentence>\n"
                     "<beginning_of_sentence>user name=user\nV<end_of_sentence>\n"
                     "<beginning_of_sentence>ai name=assistant\n")
-    assert ChatTemplate.from_dir(tmp_path).render([("developer", "S"), ("user", "U")]) == \
+    assert ChatTemplate.from_dir(tmp_path).render([{"role": "developer", "content": "S"},
+                                                   {"role": "user", "content": "U"}]) == \
         default_chat_prompt([("system", "S"), ("user", "U")])
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template":
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"}))
-    assert ChatTemplate.from_dir(tmp_path).render([("user", "hi")]) == "[user]hi>"
-    with pytest.raises(ValueError, match="unsupported message role 'tool'"):
-        ChatTemplate().render([("tool", "x")])
+    assert ChatTemplate.from_dir(tmp_path).render([{"role": "user", "content": "hi"}]) == "[user]hi>"
+    with pytest.raises(ValueError, match="unsupported message role 'robot'"):
+        ChatTemplate().render([{"role": "robot", "content": "x"}])
     strict = ChatTemplate("{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}")
     with pytest.raises(ValueError, match="system first"):
-        strict.render([("user", "x")])
+        strict.render([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="the chat template failed"):
-        ChatTemplate("{{ messages[0].nope.deeper }}").render([("user", "x")])
+        ChatTemplate("{{ messages[0].nope.deeper }}").render([{"role": "user", "content": "x"}])
 
 
 def test_streaming_equals_the_whole_answer_and_reports_usage(served, client):

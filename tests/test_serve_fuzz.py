@@ -28,7 +28,7 @@ SERVED: collections.Counter[str] = collections.Counter()  # 200s per operation
 @pytest.fixture(scope="module")
 def live():
     model = MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
-    served = build(model, ByteTokenizer(), model_name=MODEL, max_batch=8, max_context=48,
+    served = build(model, ByteTokenizer(), model_name=MODEL, max_batch=8, max_context=256,
                    prefill_chunk=16)
     server = BackgroundServer(served.app)
     yield server

@@ -263,10 +263,10 @@ def test_min_tokens_ignore_eos_and_stop_token_ids(served, client):
 
 
 REFUSED = [
-    ("tools", "/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
-    ("tool_choice", "/v1/chat/completions", {"tool_choice": "auto"}),
-    ("parallel_tool_calls", "/v1/chat/completions", {"parallel_tool_calls": False}),
-    ("response_format", "/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("tools", "/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}] * 2}),
+    ("tool_choice", "/v1/chat/completions", {"tool_choice": "required"}),
+    ("parallel_tool_calls", "/v1/chat/completions", {"parallel_tool_calls": "no"}),
+    ("response_format", "/v1/chat/completions", {"response_format": {"type": "json_schema"}}),
     ("stream_options", "/v1/chat/completions", {"stream_options": {"include_usage": True}}),
     ("stream_options", "/v1/completions", {"stream_options": {"include_usage": True}}),
     ("suffix", "/v1/completions", {"suffix": "x"}),
@@ -276,7 +276,7 @@ REFUSED = [
     ("stop_token_ids", "/v1/completions", {"stop_token_ids": [300]}),
     ("min_tokens", "/v1/completions", {"min_tokens": 20, "max_tokens": 5}),
     ("max_tokens", "/v1/completions", {"max_tokens": 0}),
-    ("messages", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}]}),
+    ("messages", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_call_id": "a"}]}),
 ]
 
 

@@ -3,15 +3,18 @@
     python serve.py --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-context 2048]
 
 Routes: POST /v1/completions (with `echo` and `logprobs`, the prompt tokens' logprobs too),
-POST /v1/chat/completions (`stream: true` gives server-sent events ending in `data: [DONE]`),
+POST /v1/chat/completions (`stream: true` gives server-sent events ending in `data: [DONE]`; tools
+and tool calls, MiniMax-M1's reasoning as `reasoning_content`, `response_format`),
 GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET and HEAD /health,
 GET /metrics (Prometheus).
 
 Modules, one job each: `engine` (the background loop: slots, admission, chunked prefill in length
 buckets, batched decode, aborts), `pages` (the free K/V pages), `steps` (the compiled steps over
 the cache), `sampling` (per-row temperature / top_p / top_k / seed, min_tokens, logit_bias,
-penalties, logprobs, prompt scoring), `textstream` (incremental detokenization, stop strings),
-`chat` (chat templates), `protocol` (request bodies), `api` (routes, SSE, errors), `metrics`,
+penalties, the allowed-token mask, logprobs, prompt scoring), `textstream` (incremental
+detokenization, stop strings), `chat` (chat templates), `tools` (the MiniMax chat formats: tool
+calls and reasoning, rendered and parsed), `structured` (grammars and their token masks for
+constrained decoding), `protocol` (request bodies), `api` (routes, SSE, errors), `metrics`,
 `server` (assembly, uvicorn), `cli` (`serve.py`).
 
 Exactness: greedy output does not depend on the other requests in the batch (rows independent,

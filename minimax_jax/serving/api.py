@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over an `Engine` (FastAPI).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
-events ending in `data: [DONE]`), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST
+events ending in `data: [DONE]`; chat with tools, tool calls, reasoning and `response_format`),
+GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST
 /detokenize, GET and HEAD /health, GET /metrics (Prometheus). Every error is an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}`; a request whose client disconnects is aborted,
 which frees its slot.
@@ -11,6 +12,15 @@ adds when the prompt does not start with one (as training saw documents); an add
 counted in usage.prompt_tokens but is not part of what `echo` returns. So `echo` gives back
 exactly the tokens sent (or the text's tokens), the first with a null logprob; the second one's
 logprob is conditioned on the BOS (and the first token).
+
+Chat output is read in the model's chat format (`minimax_jax.serving.tools`): MiniMax-M1's
+`<think>` reasoning becomes `reasoning_content`, tool calls become `tool_calls` (finish_reason
+"tool_calls"); streamed, reasoning and content arrive as they are generated and each tool call
+as one delta once it is complete. `tool_choice`: "none" offers no tools (they are not rendered)
+and reads no calls; "auto" (the default with tools) lets the model choose; "required" or a
+named function forces a call through constrained decoding, as does `response_format`
+(json_object / json_schema; with tools under "auto", either the JSON or a call).
+`parallel_tool_calls` false keeps one call per answer.
 """
 
 from __future__ import annotations
@@ -28,15 +38,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimax_jax.serving.chat import ChatTemplate
-from minimax_jax.serving.engine import ContextLengthError, Engine, Output, SamplingParams, TokenLogprob, merge_outputs
+from minimax_jax.serving.engine import (ContextLengthError, Engine, Output, SamplingParams, TokenLogprob, TokenMask,
+                                       merge_outputs)
 from minimax_jax.serving.protocol import (MAX_STOP, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                          DetokenizeRequest, SamplingFields, TokenizeRequest)
+                                          DetokenizeRequest, NamedToolChoice, SamplingFields, TokenizeRequest)
+from minimax_jax.serving.structured import Grammars, json_value
+from minimax_jax.serving.tools import ChatDelta, OutputParser, parse_arguments
 from minimax_jax.tokenizer import Tokenizer
 
 MAX_CHOICES = 64  # prompts x n in one request
 DISCONNECT_POLL_S = 0.25
-ChoiceBuilder = Callable[[int, Output, int, bool], dict]
+ChoiceBuilder = Callable[[int, Output, int, bool], dict | None]
 FirstOutput = Callable[[int, Output], Output]
+Constraint = Callable[[], TokenMask]  # SamplingParams.constraint
 
 
 class APIError(Exception):
@@ -89,6 +103,7 @@ class Server:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, chat_template: ChatTemplate):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.chat_template = chat_template
+        self.grammars = Grammars(tokenizer, engine.vocab_size)
         self.created = int(time.time())
 
     # ----- turning requests into engine jobs ------------------------------------------------------
@@ -124,7 +139,8 @@ class Server:
         return self.with_bos(ids)
 
     def sampling(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                 prompt_len: int, prompt_logprobs: int | None = None) -> SamplingParams:
+                 prompt_len: int, prompt_logprobs: int | None = None,
+                 constraint: Constraint | None = None) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
@@ -140,16 +156,18 @@ class Server:
             stop_token_ids=tuple(body.stop_token_ids or ()),
             logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty)
+            frequency_penalty=body.frequency_penalty, constraint=constraint)
 
     def jobs(self, prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
-             logprobs: int | None, prompt_logprobs: int | None = None) -> list[tuple[list[int], SamplingParams]]:
-        """One (prompt ids, params) per choice: prompts x n, checked by the engine."""
+             logprobs: int | None, prompt_logprobs: int | None = None,
+             constraint: Constraint | None = None) -> list[tuple[list[int], SamplingParams]]:
+        """One (prompt ids, params) per choice: prompts x n, checked by the engine; `constraint`
+        (a `SamplingParams.constraint`) for constrained decoding."""
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"prompts x n must be <= {MAX_CHOICES}, got {len(prompts) * body.n}", param="n")
         out = []
         for prompt in prompts:
-            params = self.sampling(body, max_tokens, logprobs, len(prompt), prompt_logprobs)
+            params = self.sampling(body, max_tokens, logprobs, len(prompt), prompt_logprobs, constraint)
             try:
                 self.engine.check(prompt, params)
             except ContextLengthError as e:
@@ -175,17 +193,90 @@ class Server:
             return [self.document(list(p))]
         return [self.document(list(ids)) for ids in p]
 
-    def chat_prompt(self, chat: list[ChatMessage]) -> list[int]:
-        """Chat messages -> the ids of the prompt the chat template renders."""
-        messages = []
-        for m in chat:
-            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
-            messages.append((m.role, text))
+    def chat_messages(self, chat: list[ChatMessage]) -> list[dict]:
+        """Request messages -> the dicts `ChatTemplate.render` takes (an assistant's null content
+        is empty); a tool message gets the name of the function whose call (by tool_call_id) it
+        answers. 400 names a bad message."""
+        out, called = [], {}
+        for i, m in enumerate(chat):
+            where = f"messages[{i}]"
+
+            def bad(problem: str) -> APIError:
+                return APIError(400, f"{where}{problem}", param="messages")
+
+            calls = getattr(m, "tool_calls", None) or []
+            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content or [])
+            message = {"role": m.role, "content": text}
+            for j, call in enumerate(calls):
+                if parse_arguments(call.function.arguments) is None:
+                    raise bad(f".tool_calls[{j}].function.arguments is not a JSON object")
+                message.setdefault("tool_calls", []).append(
+                    {"id": call.id, "name": call.function.name, "arguments": call.function.arguments})
+                called[call.id] = call.function.name
+            if m.role == "tool":
+                name = called.get(m.tool_call_id)
+                if name is None:
+                    raise bad(".tool_call_id is not the id of an earlier assistant tool call")
+                message.update(name=name, tool_call_id=m.tool_call_id)
+            out.append(message)
+        return out
+
+    def chat_prompt(self, chat: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and the tools offered) -> the ids of the prompt the chat template renders."""
         try:
-            text = self.chat_template.render(messages)
+            text = self.chat_template.render(self.chat_messages(chat), tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages")
         return self.encode(text, "messages")
+
+    def chat_tools(self, body: ChatCompletionRequest) -> tuple[list[dict], bool, str | None]:
+        """(the tools rendered into the prompt, whether the output is read for tool calls, the
+        grammar of constrained decoding or None) of a chat request (see the module docstring)."""
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        functions = {t["function"]["name"]: t["function"] for t in tools}
+        if len(functions) != len(tools):
+            raise APIError(400, "tools: function names must be distinct", param="tools")
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+        if choice not in ("none", "auto") and not tools:
+            raise APIError(400, "tool_choice required or a named function needs tools", param="tool_choice")
+        forced = None
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in functions:
+                raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not "
+                               "among tools", param="tool_choice")
+            forced = [functions[choice.function.name]]
+        elif choice == "required":
+            forced = list(functions.values())
+        reads_calls = choice != "none"
+        fmt, start, rules = self.chat_template.format, [], ""
+        param = "tools"
+        rf = body.response_format
+        if rf is not None and (rf.type == "json_schema") != (rf.json_schema is not None):
+            raise APIError(400, "response_format.json_schema is required with type json_schema, and only "
+                           "allowed with it", param="response_format")
+        if rf is not None and rf.type != "text":
+            if forced is not None:
+                raise APIError(400, "response_format cannot be combined with tool_choice required or a "
+                               "named function", param="response_format")
+            schema = rf.json_schema.schema_ if rf.json_schema is not None else None
+            start.append(json_value(schema if schema is not None else {"type": "object"}))
+            param = "response_format"
+            if reads_calls:
+                forced = list(functions.values())
+        if forced is not None:
+            start.append("calls")
+            rules = fmt.call_rules(forced, body.parallel_tool_calls)
+        if not start:
+            return (tools if reads_calls else []), reads_calls, None
+        for name in ("min_tokens", "ignore_eos"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} cannot be combined with constrained decoding ({param})", param=name)
+        grammar = f"start: {' | '.join(start)}\n{rules}"
+        try:
+            self.grammars.check(grammar)
+        except ValueError as e:
+            raise APIError(400, f"{param}: the schema cannot be enforced: {e}", param=param)
+        return (tools if reads_calls else []), reads_calls, grammar
 
     # ----- running jobs ---------------------------------------------------------------------------
     async def run_jobs(self, jobs: list[tuple[list[int], SamplingParams]],
@@ -236,7 +327,8 @@ class Server:
         """Run `jobs` and answer: one JSON body, or (`body.stream`) server-sent events: `opening`,
         a chunk per output that carries text, logprobs or a finish reason, a usage chunk when
         `stream_options.include_usage`, then `[DONE]`. choice(i, output, text offset, streaming)
-        builds one entry of `choices`; `first` rewrites each job's first output (see `run_jobs`)."""
+        builds one entry of `choices` (None: a streamed output that adds nothing yet); `first`
+        rewrites each job's first output (see `run_jobs`)."""
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -250,8 +342,9 @@ class Server:
                         continue
                     if out.finish_reason is not None:
                         finals.append(out)
-                    if out.text or out.logprobs or out.finish_reason:
-                        yield sse({**chunk_head, "choices": [choice(i, out, offsets[i], True)]})
+                    if (out.text or out.logprobs or out.finish_reason) and \
+                            (entry := choice(i, out, offsets[i], True)) is not None:
+                        yield sse({**chunk_head, "choices": [entry]})
                     offsets[i] += len(out.text)
                 if include_usage:
                     yield sse({**chunk_head, "choices": [], "usage": count_usage(prompts, finals)})
@@ -282,6 +375,19 @@ def finish_error(out: Output) -> APIError | None:
     if out.finish_reason == "abort":
         return APIError(503, "generation aborted: the server is shutting down", "server_error")
     return None
+
+
+def chat_delta(delta: ChatDelta, first_call: int) -> dict:
+    """A streamed chat `delta`: the reasoning, content and tool calls (numbered from
+    `first_call`) a piece of output added; empty when it added nothing."""
+    out: dict[str, Any] = {}
+    if delta.reasoning:
+        out["reasoning_content"] = delta.reasoning
+    if delta.content:
+        out["content"] = delta.content
+    if delta.tool_calls:
+        out["tool_calls"] = [c.openai(first_call + k) for k, c in enumerate(delta.tool_calls)]
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -333,10 +439,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError):
+        if 400 <= err.status < 499:  # 499: the client went away
+            engine.metrics.add_rejected()
         return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError):
+        engine.metrics.add_rejected()
         return error_response(validation_error(err))
 
     @app.exception_handler(StarletteHTTPException)
@@ -422,14 +531,31 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prompts = [server.chat_prompt(body.messages)]
-        jobs = server.jobs(prompts, body, body.max_completion_tokens or body.max_tokens, logprobs)
+        tools, reads_calls, grammar = server.chat_tools(body)
+        prompts = [server.chat_prompt(body.messages, tools)]
+        constraint = None if grammar is None else server.grammars.constraint(grammar)
+        jobs = server.jobs(prompts, body, body.max_completion_tokens or body.max_tokens, logprobs, None, constraint)
+        parsers = [server.chat_template.format.parser(reads_calls, body.parallel_tool_calls) for _ in jobs]
 
-        def choice(i: int, out: Output, _: int, stream: bool) -> dict:
-            content = {"content": out.text} if out.text or not stream else {}
-            message = {"delta": content} if stream else {"message": {"role": "assistant", **content}}
-            return {"index": i, **message, "finish_reason": out.finish_reason,
-                    "logprobs": fmt.chat(out.logprobs) if logprobs is not None else None}
+        def choice(i: int, out: Output, _: int, stream: bool) -> dict | None:
+            parser: OutputParser = parsers[i]
+            delta = parser.feed(out.text)
+            if out.finish_reason is not None:
+                delta = delta + parser.finish()
+            finish = "tool_calls" if out.finish_reason == "stop" and parser.calls else out.finish_reason
+            lp = fmt.chat(out.logprobs) if logprobs is not None else None
+            if stream:
+                first_call = parser.calls - len(delta.tool_calls)
+                message = chat_delta(delta, first_call)
+                if not message and finish is None and not out.logprobs:
+                    return None
+                return {"index": i, "delta": message, "finish_reason": finish, "logprobs": lp}
+            message = {"role": "assistant", "content": delta.content if delta.content or not delta.tool_calls else None}
+            if delta.reasoning:
+                message["reasoning_content"] = delta.reasoning
+            if delta.tool_calls:
+                message["tool_calls"] = [c.openai() for c in delta.tool_calls]
+            return {"index": i, "message": message, "finish_reason": finish, "logprobs": lp}
 
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name}

@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -64,7 +64,9 @@ class SamplingParams:
     tokens) or at any of the `stop` strings; `logprobs` None returns none, n >= 0 returns the
     chosen token's logprob and the n most likely alternatives; `prompt_logprobs` n >= 0 does the
     same for every prompt token after the first. `logit_bias` (token id -> bias) and the
-    penalties shape the logits sampled from (see `minimax_jax.serving.sampling`)."""
+    penalties shape the logits sampled from (see `minimax_jax.serving.sampling`);
+    `constraint` makes a fresh `TokenMask` for each request, whose allowed tokens are the only
+    ones it can sample (constrained decoding)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -81,6 +83,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    constraint: Callable[[], "TokenMask"] | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -109,6 +112,16 @@ class SamplingParams:
             raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} biases in [-100, 100]")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
+
+
+class TokenMask(Protocol):
+    """The tokens one request may sample next; told each token it generates."""
+
+    def allowed(self) -> np.ndarray:
+        """bool `[V]` over the model's vocabulary."""
+
+    def accept(self, token: int) -> None:
+        """The request generated `token`."""
 
 
 @dataclasses.dataclass
@@ -154,6 +167,8 @@ class _Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # filled chunk by chunk when asked for
     done: bool = False  # finished; its slot is free
+    mask: TokenMask | None = None  # constrained decoding (SamplingParams.constraint)
+    last_token: float = 0.0  # when its last token was generated (time.monotonic)
 
     @property
     def decoding(self) -> bool:
@@ -178,7 +193,8 @@ class Engine:
     then prefill_chunk) that holds every row's tokens, so a short prompt pays for a short step.
     Compiled shapes are bounded: one decode step, one reset, and one prefill per bucket (two
     when prompts are scored): at most 2 + 2 * (1 + ceil(log2(prefill_chunk / MIN_PREFILL_BUCKET)))
-    programs, 12 for a prefill chunk of 256.
+    programs, 12 for a prefill chunk of 256. Constrained requests (`SamplingParams.constraint`)
+    add the same steps taking an allowed-token mask, compiled on first use: at most twice as many.
 
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
@@ -285,7 +301,8 @@ class Engine:
         self.check(prompt, params)
         seed = random.getrandbits(32) if params.seed is None else params.seed
         request = _Request(f"req-{next(self._ids)}", list(prompt), params, seed, on_output,
-                           TextStream(self.tokenizer, params.stop), time.monotonic())
+                           TextStream(self.tokenizer, params.stop), time.monotonic(),
+                           mask=None if params.constraint is None else params.constraint())
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [TokenLogprob(prompt[0], None, None)]
         with self._cond:
@@ -375,6 +392,7 @@ class Engine:
                 if pages is None:
                     return
                 self._waiting.popleft()
+                self.metrics.observe_queue_time(time.monotonic() - request.arrival)
                 request.slot, request.pages, self._slots[slot] = slot, pages, request
                 self.steps.reset(slot, pages, request.params.logit_bias, self._suppressed(request.params))
                 room -= 1
@@ -427,7 +445,9 @@ class Engine:
                 after = request.prompt[request.fed + 1:request.fed + n + 1]  # the next token of each
                 targets[i, c - n:c - n + len(after)] = after
         active = np.arange(rows_n) < len(batch)
-        sampling = SamplingBatch.of([r.sampling_row() for r in batch] + [SamplingRow()] * (rows_n - len(batch)))
+        sampling = SamplingBatch.of([r.sampling_row() for r in batch] + [SamplingRow()] * (rows_n - len(batch)),
+                                    self._allowed([r if r.fed + n == len(r.prompt) else None
+                                                   for r, n in zip(batch, fed)], rows_n))
         rows = self._fixed_rows([r.slot for r in batch])
         sampled, scores = self.steps.prefill(rows, tokens, mask, active, sampling, targets)
         sampled = _to_host(sampled)
@@ -470,7 +490,8 @@ class Engine:
             return
         tokens = np.asarray([r.generated[-1] if r else 0 for r in rows], np.int32)
         writing = np.asarray([r is not None for r in rows])
-        sampling = SamplingBatch.of([r.sampling_row() if r else SamplingRow() for r in rows])
+        sampling = SamplingBatch.of([r.sampling_row() if r else SamplingRow() for r in rows],
+                                    self._allowed(rows, len(rows)))
         reading = [r.slot for r in self._reading()]
         protect = np.arange(self.steps.prefill_rows) < len(reading)
         try:
@@ -482,13 +503,29 @@ class Engine:
         for request in running:
             self._accept(request, sampled, request.slot)
 
+    def _allowed(self, rows: list[_Request | None], n: int) -> np.ndarray | None:
+        """The allowed-token mask bool `[n, V]` of a step whose first rows sample for `rows`
+        (None: a row that does not sample), or None when no row is constrained."""
+        if not any(r is not None and r.mask is not None for r in rows):
+            return None
+        allowed = np.ones((n, self.vocab_size), np.bool_)
+        for i, request in enumerate(rows):
+            if request is not None and request.mask is not None:
+                allowed[i] = request.mask.allowed()
+        return allowed
+
     def _accept(self, request: _Request, sampled: Sampled, row: int) -> None:
         """Record the token sampled for `request` (row `row` of `sampled`) and send its output."""
         try:
             token = int(sampled.token[row])
+            if request.mask is not None:
+                request.mask.accept(token)
             now = time.monotonic()
             if not request.generated:
                 self.metrics.observe_ttft(now - request.arrival)
+            else:
+                self.metrics.observe_inter_token(now - request.last_token)
+            request.last_token = now
             self.metrics.add_tokens(1, now)
             request.generated.append(token)
             finish = None
@@ -549,7 +586,7 @@ class Engine:
             self._waiting.remove(request)
         self.pages.give(request.pages)
         request.slot, request.pages = None, []
-        self.metrics.add_finished(reason)
+        self.metrics.add_finished(reason, time.monotonic() - request.arrival)
 
 
 def _to_host(sampled: Sampled) -> Sampled:

@@ -1,13 +1,13 @@
 """Request bodies of the OpenAI-compatible API (pydantic; FastAPI publishes them as the OpenAPI
 schema). No field is silently ignored: every body forbids fields it does not define (a 400 naming
-the field), and fields OpenAI defines that this server does not implement (`tools`,
-`tool_choice`, `parallel_tool_calls`, `suffix`, ...) are therefore refused the same way. Validation
+the field), and fields OpenAI defines that this server does not implement (`suffix`,
+`audio`, `modalities`, ...) are therefore refused the same way. Validation
 is strict (no coercion: "yes" is not a boolean, true is not a token id) and every integer the
 engine holds is bounded to int32."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -15,6 +15,7 @@ from minimax_jax.serving.sampling import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_TOOLS = 128  # tools per request (OpenAI's limit)
 INT32_MAX = 2**31 - 1  # the engine holds token ids, top_k and token counts as int32
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -79,14 +80,89 @@ class TextPart(StrictModel):
     text: str
 
 
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class CalledFunction(StrictModel):
+    name: FunctionName
+    arguments: str = Field(description="the arguments as a JSON object (text)")
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+Content = str | list[TextPart]
+
+
+class SystemMessage(StrictModel):
+    role: Literal["system", "developer"]
+    content: Content
     name: str | None = None
 
 
+class UserMessage(StrictModel):
+    role: Literal["user"]
+    content: Content
+    name: str | None = None
+
+
+class AssistantMessage(StrictModel):
+    """An answer; with `tool_calls` its content may be null."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(StrictModel):
+    """The result of the call `tool_call_id` of an earlier assistant message."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = Field(None, description="forced calls always follow the schema")
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(StrictModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JSONSchema(StrictModel):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="absent: any JSON object")
+    strict: bool | None = Field(None, description="the output always follows the schema")
+
+
 class ResponseFormat(StrictModel):
-    type: Literal["text"] = Field(description="only text is supported")
+    """text, json_object (any JSON object) or json_schema (JSON valid against the schema),
+    both through constrained decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = Field(None, description="with type json_schema only")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -98,6 +174,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool = Field(True, description="false: at most one tool call per answer")
 
 
 class TokenizeRequest(StrictModel):

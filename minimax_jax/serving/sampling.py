@@ -7,8 +7,9 @@ The logits a row samples from are the model's, then (in this order) the repetiti
 the prompt and the generated tokens (positive logits / p, negative ones * p, as in HF / vLLM),
 the frequency and presence penalties over the generated tokens (OpenAI's: logit - count * f -
 (count > 0) * p), the logit bias, and, while fewer than min_tokens tokens were sampled, EOS and
-the stop token ids masked out. Reported logprobs are always the model's own (log_softmax of the
-raw logits)."""
+the stop token ids masked out, and last, for rows under a grammar (constrained decoding), every
+token the grammar does not allow masked out. Reported logprobs are always the model's own
+(log_softmax of the raw logits)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ class SamplingBatch:
     """Sampling settings of B rows: seed uint32 `[B]`, step int32 `[B]` (tokens sampled so far;
     the row's key is fold_in(key(seed), step)), temperature float32 `[B]` (0 = greedy), top_p
     float32 `[B]` (1 = off), top_k int32 `[B]` (0 = off), min_tokens int32 `[B]`, and the
-    float32 `[B]` repetition (1 = off), presence and frequency (0 = off) penalties."""
+    float32 `[B]` repetition (1 = off), presence and frequency (0 = off) penalties; allowed bool
+    `[B, V]` (the tokens each row may sample: constrained decoding) or None (every token; a
+    step without it compiles apart, so unconstrained batches never carry a mask)."""
 
     seed: jax.Array
     step: jax.Array
@@ -59,14 +62,15 @@ class SamplingBatch:
     repetition_penalty: jax.Array
     presence_penalty: jax.Array
     frequency_penalty: jax.Array
+    allowed: jax.Array | None = None
 
     @staticmethod
-    def of(rows: list[SamplingRow]) -> "SamplingBatch":
-        """From host rows -> numpy arrays."""
+    def of(rows: list[SamplingRow], allowed: np.ndarray | None = None) -> "SamplingBatch":
+        """From host rows (and the bool `[B, V]` allowed mask, or None) -> numpy arrays."""
         columns = zip(*rows)
         dtypes = (np.uint32, np.int32, np.float32, np.float32, np.int32, np.int32, np.float32,
                   np.float32, np.float32)
-        return SamplingBatch(*(np.asarray(c, d) for c, d in zip(columns, dtypes)))
+        return SamplingBatch(*(np.asarray(c, d) for c, d in zip(columns, dtypes)), allowed)
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +131,8 @@ def process_logits(logits: jax.Array, params: SamplingBatch, state: SlotState) -
     logits = (logits - params.frequency_penalty[:, None] * counts
               - params.presence_penalty[:, None] * (counts > 0) + state.bias)
     early = (params.step < params.min_tokens)[:, None]
-    return jnp.where(early & state.suppress, NEG, logits)
+    logits = jnp.where(early & state.suppress, NEG, logits)
+    return logits if params.allowed is None else jnp.where(params.allowed, logits, NEG)
 
 
 @jax.tree_util.register_dataclass
