@@ -48,7 +48,8 @@ class SoftmaxAttention(nnx.Module):
         k = apply_rope(k, layout.positions, theta=self.theta, rotary_dim=self.rotary_dim)
         segments = dict(q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids)
         if kv is None:
-            o = pallas_kernels.softmax_attention(q, k, v, **segments, impl=self.impl)
+            o = pallas_kernels.softmax_attention(q, k, v, **segments, impl=self.impl,
+                                                 zigzag=layout.zigzag)
         else:
             kv = dataclasses.replace(
                 kv, key=write_pages(kv.key, kv.page_table, k, layout.cache_length),

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from minimax_jax.cache import Cache, write_rows
 from pallas_kernels.reference import segment_starts
+from sharding.tokens import reorder_tokens
 
 PADDING = -1  # the segment id of a key no query sees
 
@@ -32,7 +33,8 @@ class TokenLayout:
     query may see the key); S = T without a cache, the cache's slots with one. cache_length int32
     `[B]` or None (no cache): slots of the row written before this chunk; query i sits at key slot
     cache_length + i. kv_valid bool `[B, S]` or None: the cache's slots that hold a real token once
-    this chunk is written.
+    this chunk is written. zigzag: the tokens (and every `[B, T]` field) are in the current mesh's
+    zigzag order (`sharding.tokens`), which the attention ops are told.
     """
 
     positions: jax.Array
@@ -42,6 +44,7 @@ class TokenLayout:
     kv_segment_ids: jax.Array | None
     cache_length: jax.Array | None
     kv_valid: jax.Array | None
+    zigzag: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def document_runs(segment_ids: jax.Array) -> jax.Array:
@@ -94,3 +97,14 @@ def make_layout(batch: int, length: int, *, positions: jax.Array | None = None,
     return TokenLayout(
         positions, valid, None, jnp.zeros((batch, length), jnp.int32),
         jnp.where(kv_valid, 0, PADDING).astype(jnp.int32), cache.length, kv_valid)
+
+
+def zigzag_layout(layout: TokenLayout) -> TokenLayout:
+    """A layout without a cache, its `[B, T]` fields moved into the current mesh's zigzag order
+    (`sharding.tokens.reorder_tokens`)."""
+    if layout.cache_length is not None:
+        raise ValueError("the zigzag token order is for chunks without a cache")
+    move = lambda x: None if x is None else reorder_tokens(x, to_zigzag=True)
+    return TokenLayout(move(layout.positions), move(layout.valid), move(layout.segment_ids),
+                       move(layout.q_segment_ids), move(layout.kv_segment_ids), None, None,
+                       zigzag=True)

@@ -42,7 +42,8 @@ class LightningAttention(nnx.Module):
             qkv = qkv * layout.valid.astype(qkv.dtype)[:, :, None, None, None]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         o, state = pallas_kernels.lightning_attention(
-            q, k, v, slopes, initial_state=state, segment_ids=layout.segment_ids, impl=self.impl)
+            q, k, v, slopes, initial_state=state, segment_ids=layout.segment_ids, impl=self.impl,
+            zigzag=layout.zigzag)
         o = self.norm(o.astype(self.dtype))
         gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.output_gate[...].astype(self.dtype)))
         out = jnp.einsum("bthk,hkd->btd", o * gate, self.out_proj[...].astype(self.dtype))

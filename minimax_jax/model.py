@@ -10,10 +10,10 @@ from flax import nnx
 from minimax_jax.cache import BlockCache, Cache
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.decoder import DecoderBlock
-from minimax_jax.layout import TokenLayout, make_layout
+from minimax_jax.layout import TokenLayout, make_layout, zigzag_layout
 from minimax_jax.norm import RMSNorm
 from minimax_jax.params import param
-from sharding.tokens import constrain_tokens
+from sharding.tokens import constrain_tokens, reorder_tokens, zigzag_shards
 
 
 def _stacked_blocks(cfg: MiniMaxConfig, rngs: nnx.Rngs) -> DecoderBlock:
@@ -86,11 +86,21 @@ class MiniMaxForCausalLM(nnx.Module):
         cache: Cache | None = None,
     ) -> tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
         """`forward` up to the final norm: (hidden states `[B, T, D]` in the compute dtype, the
-        updated cache or None, router stats). `logits(h)` turns any slice of them into logits."""
+        updated cache or None, router stats). `logits(h)` turns any slice of them into logits.
+
+        Under a mesh whose sequence axis splits T into P > 1 shards (T a multiple of 2P, no
+        cache) the blocks run in the zigzag token order, which balances the causal attention
+        work over the shards: the tokens move into it once here and the hidden states back once
+        at the end (`sharding.tokens.reorder_tokens`, each token crossing devices once).
+        """
         b, t = input_ids.shape
         layout = make_layout(b, t, positions=positions, segment_ids=segment_ids,
                              attention_mask=attention_mask, cache=cache)
-        return self.backbone(self.embed(input_ids), layout, cache)
+        if cache is not None or not zigzag_shards(t):
+            return self.backbone(self.embed(input_ids), layout, cache)
+        ids = reorder_tokens(input_ids, to_zigzag=True)
+        h, _, stats = self.backbone(self.embed(ids), zigzag_layout(layout))
+        return reorder_tokens(h, to_zigzag=False), None, stats
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids int32 `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""

@@ -62,7 +62,8 @@ def _validate(q, k, v, slopes, state, state_name: str, token_ndim: int) -> None:
 def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *,
                         initial_state: jax.Array | None = None,
                         segment_ids: jax.Array | None = None, impl: str = "auto",
-                        block_size: int = LIGHTNING_CHUNK) -> tuple[jax.Array, jax.Array]:
+                        block_size: int = LIGHTNING_CHUNK,
+                        zigzag: bool = False) -> tuple[jax.Array, jax.Array]:
   """Causal decayed linear attention: S_t = exp(-slope) S_{t-1} + k_t^T v_t, o_t = q_t S_t.
 
   Args:
@@ -75,6 +76,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
     impl: one of ``IMPLS``. With "pallas" (and "auto" on Hopper) slopes are constants: no gradient
       flows to them; "chunked" and "reference" differentiate them too.
     block_size: block length of the "chunked" form.
+    zigzag: the tokens are in the current mesh's zigzag order (``sharding.tokens.zigzag_order``);
+      only under a mesh with a ``sequence`` axis.
 
   A call with T == 1 and no segment ids is one decode step (``lightning_decode``) for every impl
   but "reference". Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, T is
@@ -96,8 +99,11 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
   if initial_state is None:
     initial_state = jnp.zeros((b, h, d, d), jnp.float32)
   one_device = functools.partial(_lightning_one_device, impl=impl, block_size=block_size)
+  if zigzag and sequence_shards() == 1:
+    raise ValueError("zigzag token order needs a mesh with a sequence axis of more than one shard")
   if t > 1 and sequence_shards() > 1:
-    return lightning_attention_sp(q, k, v, slopes, initial_state, segment_ids, one_device)
+    return lightning_attention_sp(q, k, v, slopes, initial_state, segment_ids, one_device,
+                                  zigzag=zigzag)
   return one_device(q, k, v, slopes, initial_state, segment_ids)
 
 

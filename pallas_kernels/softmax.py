@@ -13,18 +13,20 @@ backward, any backend), "reference" (all scores at once; the oracle) and "auto" 
 supports the call, else "xla"). A call an implementation does not support falls back to "xla".
 Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
 q_offset) other than "reference" runs as ring attention over that axis (``sharding.softmax``,
-the "xla" form per block); T must then be a multiple of P.
+the "xla" form per block); T must then be a multiple of P (of 2P in zigzag order, which balances
+the causal work over the shards).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import softmax_cudnn
 from pallas_kernels.reference import softmax_attention_reference
 from pallas_kernels.softmax_xla import attention_xla, paged_attention_xla
-from sharding.tokens import sequence_shards
+from sharding.tokens import sequence_shards, zigzag_order
 from sharding.softmax import softmax_attention_ring
 
 SOFTMAX_IMPLS = ("auto", "cudnn", "xla", "reference")
@@ -57,15 +59,22 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       q_segment_ids: jax.Array | None = None,
                       kv_segment_ids: jax.Array | None = None,
                       q_offset: jax.Array | None = None, impl: str = "auto",
-                      block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+                      block_q: int | None = None, block_k: int | None = None,
+                      zigzag: bool = False) -> jax.Array:
     """Causal GQA attention over contiguous keys (training, prefill), differentiable in q, k, v.
 
     q ``[B, T, H, K]``; k, v ``[B, S, N, K]`` (N divides H; query head h uses kv head
     h // (H / N)); segment ids int ``[B, T]`` and ``[B, S]``; q_offset int32 ``[B]`` (None: 0).
     block_q, block_k: the "xla" form's blocks (default BLOCK_Q, BLOCK_K).
+    zigzag: q, k, v and the segment ids are in the current mesh's zigzag order
+    (``sharding.tokens.zigzag_order``; self-attention under a mesh with a ``sequence`` axis).
     Returns ``[B, T, H, K]`` in q's dtype.
     """
     _check(q, k, v, q_segment_ids, kv_segment_ids, q_offset, impl, k.shape[1])
+    ring = q_offset is None and k.shape[1] == q.shape[1] and sequence_shards() > 1
+    if zigzag and not ring:
+        raise ValueError("zigzag token order is for self-attention under a mesh with a sequence "
+                         "axis of more than one shard")
     offset = jnp.zeros((q.shape[0],), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
 
     def xla() -> jax.Array:
@@ -73,10 +82,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                              block_q=block_q or BLOCK_Q, block_k=block_k or BLOCK_K)
 
     if impl == "reference":
+        if zigzag:  # the oracle runs in the tokens' own order
+            order = zigzag_order(q.shape[1], sequence_shards())
+            back = lambda x: None if x is None else x[:, np.argsort(order)]
+            o = softmax_attention_reference(back(q), back(k), back(v), back(q_segment_ids),
+                                            back(kv_segment_ids), offset)
+            return o[:, order]
         return softmax_attention_reference(q, k, v, q_segment_ids, kv_segment_ids, offset)
-    if q_offset is None and k.shape[1] == q.shape[1] and sequence_shards() > 1:
+    if ring:
         return softmax_attention_ring(q, k, v, q_segment_ids, kv_segment_ids,
-                                      block_q=block_q or BLOCK_Q, block_k=block_k or BLOCK_K)
+                                      block_q=block_q or BLOCK_Q, block_k=block_k or BLOCK_K,
+                                      zigzag=zigzag)
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
             return softmax_cudnn.causal_cudnn(q, k, v)

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pallas_kernels  # noqa: E402
 from sharding import make_mesh  # noqa: E402
+from sharding.tokens import zigzag_order  # noqa: E402
 
 MESHES = ({"sequence": 8}, {"data": 2, "sequence": 4})
 
@@ -28,6 +29,18 @@ MESHES = ({"sequence": 8}, {"data": 2, "sequence": 4})
 def rel(a: jax.Array, b: jax.Array) -> float:
     """max |a - b| / max |b|."""
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def mesh_name(shape: dict[str, int], zigzag: bool = False) -> str:
+    """"data2xsequence4" for {"data": 2, "sequence": 4}, "-zigzag" appended in zigzag order."""
+    return "x".join(f"{a}{n}" for a, n in shape.items()) + ("-zigzag" if zigzag else "")
+
+
+def zigzag_permutation(t: int, shards: int, zigzag: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(order, its inverse): x[:, order] is x in zigzag order over `shards` (the identity when
+    not zigzag)."""
+    order = zigzag_order(t, shards) if zigzag else np.arange(t)
+    return order, np.argsort(order)
 
 
 def all_gathers(hlo: str) -> list[str]:
@@ -48,24 +61,28 @@ def lightning() -> dict:
     seg[0, 40:], seg[0, 80:], seg[1, 32:] = 2, 3, 2  # row 1: a document starts on a shard edge
     seg = jnp.asarray(seg)
 
-    def loss(q, k, v, s0):
+    def loss(q, k, v, s0, seg, zigzag=False):
         o, s = pallas_kernels.lightning_attention(q, k, v, slopes, initial_state=s0, segment_ids=seg,
-                                                  impl="chunked")
+                                                  impl="chunked", zigzag=zigzag)
         return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * s), (o, s)
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-    (_, (o1, s1)), g1 = step(q, k, v, s0)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True),
+                   static_argnames="zigzag")
+    (_, (o1, s1)), g1 = step(q, k, v, s0, seg)
     out = {}
-    for shape in MESHES:
+    for shape, zigzag in ((m, z) for m in MESHES for z in (False, True)):
         mesh = make_mesh(shape)
         tokens = NamedSharding(mesh, P(None, "sequence"))
-        args = (*(jax.device_put(x, tokens) for x in (q, k, v)), s0)
+        order, back = zigzag_permutation(t, shape["sequence"], zigzag)
+        args = (*(jax.device_put(x[:, order], tokens) for x in (q, k, v)), s0,
+                jax.device_put(seg[:, order], tokens))
         with jax.set_mesh(mesh):
-            (_, (o, s)), g = step(*args)
-            hlo = step.lower(*args).compile().as_text()
-        name = "x".join(f"{a}{n}" for a, n in shape.items())
-        out[name] = {"o": rel(o, o1), "state": rel(s, s1), "grads": max(rel(a, c) for a, c in zip(g, g1)),
-                     "all_gathers": all_gathers(hlo)}
+            (_, (o, s)), g = step(*args, zigzag=zigzag)
+            hlo = step.lower(*args, zigzag=zigzag).compile().as_text()
+        g = [x[:, back] for x in g[:3]] + [g[3]]
+        out[mesh_name(shape, zigzag)] = {
+            "o": rel(o[:, back], o1), "state": rel(s, s1),
+            "grads": max(rel(a, c) for a, c in zip(g, g1)), "all_gathers": all_gathers(hlo)}
     return out
 
 
@@ -80,24 +97,25 @@ def softmax() -> dict:
     seg[0, 40:], seg[0, 90:], seg[1, 64:] = 2, 3, 2
     seg = jnp.asarray(seg)
 
-    def loss(q, k, v):
+    def loss(q, k, v, seg, zigzag=False):
         o = pallas_kernels.softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="xla",
-                                             block_q=8, block_k=8)
+                                             block_q=8, block_k=8, zigzag=zigzag)
         return jnp.sum(o * jnp.cos(o)), o
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (_, o1), g1 = step(q, k, v)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnames="zigzag")
+    (_, o1), g1 = step(q, k, v, seg)
     out = {}
-    for shape in MESHES:
+    for shape, zigzag in ((m, z) for m in MESHES for z in (False, True)):
         mesh = make_mesh(shape)
         tokens = NamedSharding(mesh, P(None, "sequence"))
-        args = tuple(jax.device_put(x, tokens) for x in (q, k, v))
+        order, back = zigzag_permutation(t, shape["sequence"], zigzag)
+        args = tuple(jax.device_put(x[:, order], tokens) for x in (q, k, v, seg))
         with jax.set_mesh(mesh):
-            (_, o), g = step(*args)
-            hlo = step.lower(*args).compile().as_text()
-        name = "x".join(f"{a}{n}" for a, n in shape.items())
-        out[name] = {"o": rel(o, o1), "grads": max(rel(a, c) for a, c in zip(g, g1)),
-                     "all_gathers": all_gathers(hlo), "permutes": hlo.count("collective-permute")}
+            (_, o), g = step(*args, zigzag=zigzag)
+            hlo = step.lower(*args, zigzag=zigzag).compile().as_text()
+        out[mesh_name(shape, zigzag)] = {
+            "o": rel(o[:, back], o1), "grads": max(rel(a[:, back], c) for a, c in zip(g, g1)),
+            "all_gathers": all_gathers(hlo), "permutes": hlo.count("collective-permute")}
     return out
 
 

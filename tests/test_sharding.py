@@ -30,19 +30,23 @@ def lightning():
     return run_worker("lightning")
 
 
-@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+SEQUENCE_MESHES = ["sequence8", "data2xsequence4", "sequence8-zigzag", "data2xsequence4-zigzag"]
+
+
+@pytest.mark.parametrize("mesh", SEQUENCE_MESHES)
 def test_lightning_over_the_sequence_axis_equals_one_device(lightning, mesh):
     """LASP+: output, final state and gradients equal the one-device op, documents starting inside
-    shards and on a shard boundary."""
+    shards and on a shard boundary; in the contiguous and in the zigzag token order."""
     result = lightning[mesh]
     assert result["o"] < RTOL and result["state"] < RTOL and result["grads"] < RTOL, result
 
 
-@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+@pytest.mark.parametrize("mesh", SEQUENCE_MESHES)
 def test_lightning_over_the_sequence_axis_gathers_only_states(lightning, mesh):
-    """The only all-gathers are of per-shard states, decays and boundary ids: at most
-    shards x B x H x D x D elements (B 2, H 2, D 16), never a token-length array (T 128)."""
-    shards = int(re.search(r"sequence(\d+)", mesh).group(1))
+    """The only all-gathers are of per-chunk states, decays and boundary ids: at most
+    chunks x B x H x D x D elements (B 2, H 2, D 16; one chunk per shard, two in zigzag order),
+    never a token-length array (T 128)."""
+    shards = int(re.search(r"sequence(\d+)", mesh).group(1)) * (2 if "zigzag" in mesh else 1)
     gathers = lightning[mesh]["all_gathers"]
     assert gathers, "no all-gather in the compiled op"
     for shape in gathers:
@@ -55,7 +59,7 @@ def softmax():
     return run_worker("softmax")
 
 
-@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+@pytest.mark.parametrize("mesh", SEQUENCE_MESHES)
 def test_ring_attention_equals_one_device(softmax, mesh):
     """Ring attention over the sequence axis: output and gradients equal the one-device op (GQA,
     documents across shard edges), and the keys travel by collective-permute, never gathered."""
