@@ -9,6 +9,11 @@ Random weights (the speed does not depend on them), random prompt ids, greedy, n
 request generates exactly --new-tokens). Per batch size b, b requests arrive at once:
 - engine TTFT: mean and max over requests of (first token - submission), one engine of b slots;
 - engine decode tokens/s: tokens produced after the last request's first token, over that time;
+- engine decode step: b / decode tokens/s (one token for every slot), beside the bytes such a step
+  must move at the mean context (prompt + new_tokens / 2) and the floor time that takes at the
+  device's copy bandwidth (measured, or --bandwidth-gbs): the weights it reads (the experts
+  b tokens route to, expected under uniform routing; b rows of the embedding), the float32
+  lightning states (read and written) and the K/V it attends to;
 - HF TTFT: `generate(max_new_tokens=1)` on the [b, prompt] batch (best of 3); HF decode tokens/s:
   b * (new_tokens - 1) / (t(new_tokens) - t(1)). transformers' native MiniMax rotates the whole
   head (ignores rotary_dim), a negligible difference in work.
@@ -29,6 +34,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
+from minimax_jax.cache import init_cache  # noqa: E402
 from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
 from minimax_jax.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -65,12 +71,54 @@ def engine_round(engine: Engine, prompts: np.ndarray, new_tokens: int) -> dict:
             "tokens": sum(map(len, times))}
 
 
-def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, seed=0) -> dict:
+def decode_step_bytes(model, batch: int, context: int) -> dict:
+    """Bytes one decode step (a token for each of `batch` slots holding `context` tokens) must
+    move: weights read (all but the experts, b embedding rows, and the experts b tokens are
+    expected to route to under uniform top-k routing), lightning states (float32, read and
+    written), K/V read. Returns those three and their sum (bytes, floats)."""
+    import jax
+
+    cfg = model.config
+    experts = other = 0.0
+    for path, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]:
+        name, n = jax.tree_util.keystr(path), x.size * x.dtype.itemsize
+        if "block_sparse_moe" in name and "gate" not in name:
+            experts += n
+        else:
+            other += n * batch / cfg.vocab_size if "embed_tokens" in name else n
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    weights = other + experts * (1 - (1 - k / e) ** batch)  # expected share of experts touched
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
+    states = 2 * cache.lightning_state.size * cache.lightning_state.dtype.itemsize
+    kv = (cache.key.size + cache.value.size) * cache.key.dtype.itemsize
+    return {"weights": weights, "lightning_states": float(states), "kv": float(kv),
+            "total": weights + states + kv}
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
+    """The device's copy bandwidth in bytes/s: a jitted elementwise op over `nbytes` of float32
+    (read once, written once), best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    op = jax.jit(lambda x: x + 1)
+    op(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        op(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, decode_steps, bandwidth,
+                 seed=0) -> dict:
     rng = np.random.default_rng(seed)
     results = {}
     for b in batches:
         engine = Engine(model, NoEosTokenizer(), max_batch=b, max_context=prompt_len + new_tokens,
-                        prefill_chunk=chunk, prefill_rows=prefill_rows)
+                        prefill_chunk=chunk, prefill_rows=prefill_rows, decode_steps=decode_steps)
         engine.start()
         prompts = rng.integers(0, model.config.vocab_size, (b, prompt_len))
         t0 = time.perf_counter()
@@ -78,7 +126,17 @@ def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, se
         compile_s = time.perf_counter() - t0
         results[b] = {**engine_round(engine, prompts, new_tokens), "compile_s": compile_s}
         engine.stop()
+        moved = decode_step_bytes(model, b, prompt_len + new_tokens // 2)
+        step_ms = 1e3 * b / results[b]["decode_tokens_per_s"]
+        floor_ms = 1e3 * moved["total"] / bandwidth
+        results[b].update(step_ms=step_ms, step_bytes=moved, floor_ms=floor_ms,
+                          floor_fraction=floor_ms / step_ms)
         print(f"engine b={b}: {results[b]}", flush=True)
+    print(f"{'batch':>6} {'step ms':>9} {'GB moved':>9} {'floor ms':>9} {'of floor':>9}"
+          f"   (at {bandwidth / 1e9:.0f} GB/s)")
+    for b, r in results.items():
+        print(f"{b:>6} {r['step_ms']:>9.3f} {r['step_bytes']['total'] / 1e9:>9.3f} {r['floor_ms']:>9.3f} "
+              f"{100 * r['floor_fraction']:>8.1f}%", flush=True)
     return results
 
 
@@ -153,6 +211,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--prefill-rows", type=int, default=8)
+    p.add_argument("--decode-steps", type=int, default=8, help="decode tokens per slot per dispatch")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="memory bandwidth for the floor times (default: measured copy bandwidth)")
     p.add_argument("--hf", action="store_true", help="also time transformers' generate")
     p.add_argument("--long-prompt", type=int, default=0,
                    help="instead: prefill one prompt of this many tokens; time and peak memory")
@@ -172,10 +233,12 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
         return
+    bandwidth = copy_bandwidth() if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
     results = {"device": str(jax.devices()[0].device_kind), "config": args.config, "overrides": args.override,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode_steps": args.decode_steps,
+               "bandwidth_bytes_per_s": bandwidth,
                "engine": bench_engine(model, args.batches, args.prompt_len, args.new_tokens,
-                                      args.prefill_chunk, args.prefill_rows)}
+                                      args.prefill_chunk, args.prefill_rows, args.decode_steps, bandwidth)}
     if args.hf:
         results["hf"] = bench_hf(model, args.batches, args.prompt_len, args.new_tokens)
     print(json.dumps(results, indent=2))

@@ -2,7 +2,8 @@
 
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
                     [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--page-size 16]
-                    [--kv-pages N] [--dtype float32] [--model-name NAME] [--debug]
+                    [--kv-pages N] [--dtype float32] [--model-name NAME]
+                    [--decode-steps 8] [--prefix-cache-slots 32] [--no-prefix-cache] [--debug]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
 `python train.py --config configs/tiny.yaml` writes).
@@ -36,6 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="K/V pages shared by all slots; a request waits until its prompt + "
                         "max_tokens fit (default: every slot at full context)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--decode-steps", type=int, default=8,
+                   help="tokens per slot per decode dispatch, generated on the device; a waiting "
+                        "request joins between dispatches (1: one token per dispatch)")
+    p.add_argument("--prefix-cache-slots", type=int, default=32,
+                   help="prompt prefixes kept for reuse, each holding a copy of one slot's lightning "
+                        "states (evicted least recently used first)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not cache prompt prefixes")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                        checkpoint_dir=args.checkpoint, max_batch=args.max_batch,
                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                        prefill_rows=args.prefill_rows, page_size=args.page_size,
-                       kv_pages=args.kv_pages)
+                       kv_pages=args.kv_pages, decode_steps=args.decode_steps,
+                       prefix_cache_slots=0 if args.no_prefix_cache else args.prefix_cache_slots)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         if args.debug:
             raise

@@ -3,9 +3,26 @@
 Each loop iteration: take new requests and aborts; put waiting requests into free slots, oldest
 first, as long as the K/V pool has the pages a request needs for its prompt plus max_tokens; run one
 prefill chunk for each of the (up to `prefill_rows`) oldest slots still reading a prompt (so a
-long prompt never stalls the others for more than one chunk); run one decode step for every slot
-that is generating. Outputs go to each request's callback as they are produced; a request's pages
-return to the pool when it ends. This thread is the only code that touches device arrays.
+long prompt never stalls the others for more than one chunk); run one decode dispatch for every
+slot that is generating: up to `decode_steps` tokens per slot in one compiled loop on the device
+(sampling and the stop tokens inside it), read back once. Outputs go to each request's callback
+once per dispatch, with the tokens it produced; a request's pages return to the pool when it
+ends. This thread is the only code that touches device arrays.
+
+Stop strings and max_tokens are checked on the host over the tokens of a dispatch in order; tokens
+after the one that ends a request are dropped, so the output is the same as one token per
+dispatch. Constrained requests (`SamplingParams.constraint`) need their grammar's mask before each
+token: a dispatch with one of them in the batch runs one token for every slot.
+
+With the prefix cache on (`prefix_cache_slots` > 0), prompts are read in chunks of exactly
+prefill_chunk or a power of two tokens (no padding), so a prompt's token i sits at K/V slot i and
+its whole pages can be shared; after a chunk that ends on a page boundary, the prefix read so far
+is cached (`minimax_jax.serving.prefix`): its pages by reference and a snapshot of its lightning
+states. A new request whose prompt starts with a cached prefix (all but at least its last token)
+gets those pages and that snapshot, and reads only the rest: the same computation as reading the
+whole prompt, in the same chunks when the prefix ends on a multiple of prefill_chunk (the logits
+are then bitwise equal), otherwise in another split of the same tokens (equal up to float
+rounding). Scored prompts (prompt_logprobs) are always read whole.
 
 Prompt logprobs (`SamplingParams.prompt_logprobs`) come from the prefill steps themselves: a
 prefill step that reads a scored prompt also returns, per position, the logprob of the next prompt
@@ -25,6 +42,7 @@ import time
 import traceback
 from typing import Callable, Protocol
 
+import jax
 import numpy as np
 
 from minimax_jax.cache import PAGE_SIZE
@@ -32,9 +50,10 @@ from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.metrics import Metrics
 from minimax_jax.serving.pages import PageAllocator
+from minimax_jax.serving.prefix import CachedPrefix, PrefixCache, block_chain
 from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS, Sampled,
                                           SamplingBatch, SamplingRow)
-from minimax_jax.serving.steps import Steps, cache_bytes
+from minimax_jax.serving.steps import Steps, cache_bytes, prefix_store_bytes
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import Tokenizer
 
@@ -169,6 +188,7 @@ class _Request:
     done: bool = False  # finished; its slot is free
     mask: TokenMask | None = None  # constrained decoding (SamplingParams.constraint)
     last_token: float = 0.0  # when its last token was generated (time.monotonic)
+    chain: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its whole pages
 
     @property
     def decoding(self) -> bool:
@@ -196,18 +216,29 @@ class Engine:
     programs, 12 for a prefill chunk of 256. Constrained requests (`SamplingParams.constraint`)
     add the same steps taking an allowed-token mask, compiled on first use: at most twice as many.
 
+    `decode_steps` > 1: each decode dispatch generates up to that many tokens per slot on the
+    device (one more compiled program; see the module docstring); a waiting request joins at the
+    next dispatch, so it waits at most decode_steps decode steps. `prefix_cache_slots` > 0 turns
+    on the prefix cache with that many lightning-state snapshots (each the size of one slot's
+    lightning states); prompts are then read in chunks of prefill_chunk and the powers of two below
+    it (the buckets start at 1), pages of cached prefixes stay held (and count as used) until
+    their entry is evicted, least recently used first, when a snapshot or an admission needs room.
+
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
-    on the engine thread), `abort(request_id)`, `stop()`. `generate(...)` blocks for one result.
+    on the engine thread), `abort(request_id)`, `reset_prefix_cache()`, `stop()`.
+    `generate(...)` blocks for one result.
     """
 
     def __init__(self, model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 8,
                  max_context: int = 2048, prefill_chunk: int = 64, prefill_rows: int = 4,
                  page_size: int = PAGE_SIZE, kv_pages: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, decode_steps: int = 1, prefix_cache_slots: int = 0):
         cfg = model.config
-        if min(max_batch, prefill_chunk, prefill_rows, page_size) < 1:
-            raise ValueError(f"max_batch, prefill_chunk, prefill_rows and page_size must be >= 1, "
-                             f"got {max_batch}, {prefill_chunk}, {prefill_rows}, {page_size}")
+        if min(max_batch, prefill_chunk, prefill_rows, page_size, decode_steps) < 1:
+            raise ValueError(f"max_batch, prefill_chunk, prefill_rows, page_size and decode_steps must be "
+                             f">= 1, got {max_batch}, {prefill_chunk}, {prefill_rows}, {page_size}, {decode_steps}")
+        if prefix_cache_slots < 0:
+            raise ValueError(f"prefix_cache_slots must be >= 0, got {prefix_cache_slots}")
         if not 2 <= max_context <= cfg.max_position_embeddings:
             raise ValueError(f"max_context must be in [2, max_position_embeddings = "
                              f"{cfg.max_position_embeddings}], got {max_context}")
@@ -215,25 +246,30 @@ class Engine:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
         self.tokenizer, self.vocab_size = tokenizer, cfg.vocab_size
         self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
-        self.buckets = prefill_buckets(prefill_chunk)
+        self.aligned = prefix_cache_slots > 0  # prompts read without padding, token i at K/V slot i
+        self.buckets = prefill_buckets(prefill_chunk, 1 if self.aligned else MIN_PREFILL_BUCKET)
         self.page_size = page_size
-        # the first chunk of a prompt is left-padded, so a slot needs up to chunk - 1 more K/V slots
-        pages_per_slot = -(-(max_context + prefill_chunk - 1) // page_size)
+        # the first chunk of a padded prompt is left-padded: up to chunk - 1 more K/V slots
+        pages_per_slot = -(-(max_context + (0 if self.aligned else prefill_chunk - 1)) // page_size)
         num_pages = max_batch * pages_per_slot if kv_pages is None else kv_pages
         require_memory(cache_bytes(cfg, slots=max_batch, pages_per_slot=pages_per_slot,
-                                   page_size=page_size, num_pages=num_pages),
+                                   page_size=page_size, num_pages=num_pages)
+                       + prefix_store_bytes(cfg, prefix_cache_slots),
                        f"the cache of {max_batch} slots and {num_pages} K/V pages of {page_size} tokens",
-                       hint="lower --max-batch, --max-context or --kv-pages")
+                       hint="lower --max-batch, --max-context, --kv-pages or --prefix-cache-slots")
         self.pages = PageAllocator(num_pages)
+        self.prefix = PrefixCache(prefix_cache_slots, page_size, self.pages) if self.aligned else None
         self.steps = Steps(model, slots=max_batch, pages_per_slot=pages_per_slot,
                            page_size=page_size, num_pages=self.pages.num_pages,
-                           prefill_rows=min(prefill_rows, max_batch))
+                           prefill_rows=min(prefill_rows, max_batch), decode_steps=decode_steps,
+                           prefix_snapshots=prefix_cache_slots)
         self.metrics = metrics or Metrics()
         self.metrics.set_kv_pages(0, self.pages.num_pages)
         self._cond = threading.Condition()
         self._incoming: list[_Request] = []
         self._aborts: set[str] = set()
         self._stopping = False
+        self._reset_prefixes = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -281,16 +317,21 @@ class Engine:
                 f"prompt tokens + max_tokens {params.max_tokens}; the K/V pool holds "
                 f"{self.pages.num_pages} pages")
 
+    def _prompt_slots(self, prompt_tokens: int) -> int:
+        """K/V slots a prompt fills: its tokens, and without the prefix cache the padding of its
+        first chunk (left-padded to at most a whole chunk)."""
+        return prompt_tokens if self.aligned else -(-prompt_tokens // self.chunk) * self.chunk
+
     def pages_needed(self, prompt_tokens: int, max_tokens: int) -> int:
-        """K/V pages a request holds: its prompt's chunks (the first one left-padded to at most a
-        whole chunk) plus max_tokens - 1 decoded tokens (the last one is never fed back)."""
-        slots = -(-prompt_tokens // self.chunk) * self.chunk + max(max_tokens - 1, 0)
+        """K/V pages a request holds (those of a cached prefix included): its prompt's slots plus
+        max_tokens - 1 decoded tokens (the last one is never fed back)."""
+        slots = self._prompt_slots(prompt_tokens) + max(max_tokens - 1, 0)
         return -(-slots // self.page_size)
 
     def max_new_tokens(self, prompt_tokens: int) -> int:
         """The largest max_tokens a prompt of `prompt_tokens` tokens can ask for: what fits in
         max_context and in the whole K/V pool (at least 1, which `check` may still refuse)."""
-        prompt_slots = -(-prompt_tokens // self.chunk) * self.chunk
+        prompt_slots = self._prompt_slots(prompt_tokens)
         pool_room = self.pages.num_pages * self.page_size - prompt_slots + 1
         return max(min(self.max_context - prompt_tokens, pool_room), 1)
 
@@ -302,7 +343,8 @@ class Engine:
         seed = random.getrandbits(32) if params.seed is None else params.seed
         request = _Request(f"req-{next(self._ids)}", list(prompt), params, seed, on_output,
                            TextStream(self.tokenizer, params.stop), time.monotonic(),
-                           mask=None if params.constraint is None else params.constraint())
+                           mask=None if params.constraint is None else params.constraint(),
+                           chain=block_chain(prompt, self.page_size) if self.aligned else [])
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [TokenLogprob(prompt[0], None, None)]
         with self._cond:
@@ -312,6 +354,13 @@ class Engine:
             self._cond.notify()
         self.metrics.add_prompt(len(prompt))
         return request.id
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix before the next request is admitted (their pages go back to
+        the pool once no running request reads them); nothing to do without a prefix cache."""
+        with self._cond:
+            self._reset_prefixes = True
+            self._cond.notify()
 
     def abort(self, request_id: str) -> None:
         """Drop a request (its client went away); its slot is freed on the next iteration."""
@@ -339,13 +388,16 @@ class Engine:
         while True:
             with self._cond:
                 while not (self._stopping or self._incoming or self._aborts or self._waiting
-                           or any(self._slots)):
+                           or self._reset_prefixes or any(self._slots)):
                     self._cond.wait()
                 if self._stopping:
                     break
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 aborts, self._aborts = self._aborts, set()
+                reset_prefixes, self._reset_prefixes = self._reset_prefixes, False
+            if reset_prefixes and self.prefix is not None:
+                self.prefix.clear()
             try:
                 self._iterate(aborts)
             except Exception as exc:  # noqa: BLE001 - keep serving: fail what was in flight
@@ -368,6 +420,8 @@ class Engine:
             queued = len(self._waiting) + len(self._incoming)
         self.metrics.set_load(queued, sum(r is not None for r in self._slots))
         self.metrics.set_kv_pages(self.pages.used, self.pages.free)
+        if self.prefix is not None:
+            self.metrics.set_prefix_cache(len(self.prefix), self.prefix.pages_held)
 
     def _apply_aborts(self, ids: set[str]) -> None:
         for request in [r for r in [*self._waiting, *self._slots] if r is not None and r.id in ids]:
@@ -387,15 +441,39 @@ class Engine:
                 return
             if self._slots[slot] is None:
                 request = self._waiting[0]
-                need = self.pages_needed(len(request.prompt), request.params.max_tokens)
-                pages = self.pages.take(need)
-                if pages is None:
+                claimed = self._claim_pages(request)
+                if claimed is None:
                     return
+                hit, pages = claimed
                 self._waiting.popleft()
                 self.metrics.observe_queue_time(time.monotonic() - request.arrival)
                 request.slot, request.pages, self._slots[slot] = slot, pages, request
                 self.steps.reset(slot, pages, request.params.logit_bias, self._suppressed(request.params))
+                if hit is not None:
+                    self.steps.restore_prefix(slot, hit.snapshot, hit.tokens)
+                    request.fed = hit.tokens
+                if self.prefix is not None:
+                    self.metrics.add_prefix_lookup(request.fed)
                 room -= 1
+
+    def _claim_pages(self, request: _Request) -> tuple[CachedPrefix | None, list[int]] | None:
+        """The longest cached prefix of `request`'s prompt (None: none, or the prompt is scored)
+        and the pages it will hold, that prefix's first (one more reference each); evicts cached
+        prefixes, oldest first, when only they keep the pages it needs. None (nothing taken)
+        when the pool cannot give them yet."""
+        hit = None
+        if self.prefix is not None and request.prompt_logprobs is None:
+            hit = self.prefix.lookup(request.chain, len(request.prompt))
+        shared = [] if hit is None else hit.pages
+        need = self.pages_needed(len(request.prompt), request.params.max_tokens) - len(shared)
+        self.pages.share(shared)
+        if self.prefix is not None:
+            self.prefix.make_room(need, keep=hit)
+        pages = self.pages.take(need)
+        if pages is None:
+            self.pages.give(shared)
+            return None
+        return hit, shared + pages
 
     def _suppressed(self, params: SamplingParams) -> tuple[int, ...]:
         """The ids that end a request's generation, masked before its min_tokens."""
@@ -409,11 +487,23 @@ class Engine:
         pad = [s for s in range(self.max_batch) if s not in taken][:self.steps.prefill_rows - len(slots)]
         return np.asarray(slots + pad, np.int32)
 
+    def _piece(self, request: _Request) -> int:
+        """The next chunk of a prompt read without padding: prefill_chunk tokens, or the largest
+        power of two that fits in what is left."""
+        left = len(request.prompt) - request.fed
+        return self.chunk if left >= self.chunk else 1 << (left.bit_length() - 1)
+
     def _prefill_step(self) -> None:
-        """One chunk for each of the (up to prefill_rows) oldest slots still reading a prompt."""
+        """One chunk for each of the (up to prefill_rows) oldest slots still reading a prompt;
+        without padding, those whose next chunk can be as long as the oldest one's (shorter only
+        when that keeps it on a page boundary)."""
         batch = self._reading()
         if not batch:
             return
+        if self.aligned:
+            c = self._piece(batch[0])
+            batch = [r for r in batch
+                     if self._piece(r) == c or (self._piece(r) > c and c % self.page_size == 0)]
         try:
             self._prefill(batch)
         except Exception as exc:  # noqa: BLE001 - find the failing request(s), spare the others
@@ -430,9 +520,11 @@ class Engine:
         """Run one prefill step for `batch` (<= prefill_rows requests in slots); the remaining
         rows of the fixed-size step are other slots, left untouched."""
         rows_n = self.steps.prefill_rows
-        # the first chunk takes the remainder, the rest are full chunks
-        fed = [len(r.prompt) - (len(r.prompt) - 1) // self.chunk * self.chunk if r.fed == 0 else self.chunk
-               for r in batch]
+        if self.aligned:  # every row reads exactly c tokens
+            fed = [min(self._piece(r) for r in batch)] * len(batch)
+        else:  # the first chunk takes the remainder, the rest are full chunks
+            fed = [len(r.prompt) - (len(r.prompt) - 1) // self.chunk * self.chunk if r.fed == 0 else self.chunk
+                   for r in batch]
         c = next(b for b in self.buckets if b >= max(fed))  # rows shorter than c are left-padded
         tokens = np.zeros((rows_n, c), np.int32)
         mask = np.zeros((rows_n, c), np.int32)
@@ -449,17 +541,31 @@ class Engine:
                                     self._allowed([r if r.fed + n == len(r.prompt) else None
                                                    for r, n in zip(batch, fed)], rows_n))
         rows = self._fixed_rows([r.slot for r in batch])
-        sampled, scores = self.steps.prefill(rows, tokens, mask, active, sampling, targets)
-        sampled = _to_host(sampled)
-        scores = None if scores is None else _to_host(scores)
+        sampled, scores = _to_host(self.steps.prefill(rows, tokens, mask, active, sampling, targets))
+        sampled = jax.tree.map(lambda x: x[None], sampled)  # one step of tokens
         for i, (request, n) in enumerate(zip(batch, fed)):
             if request.prompt_logprobs is not None:
                 self._record_prompt_logprobs(request, scores, i, c - n, n)
             request.fed += n
+            self._remember(request)
             if request.decoding and request.params.max_tokens == 0:
                 self._end_after_prompt(request)
             elif request.decoding:
-                self._accept(request, sampled, i)
+                self._accept(request, sampled, i, 1)
+
+    def _remember(self, request: _Request) -> None:
+        """With the prefix cache on, cache the prefix `request` has read when it ends on a page
+        boundary (its pages by reference, a snapshot of its slot's state)."""
+        if self.prefix is None or request.fed % self.page_size or request.fed == 0:
+            return
+        n = request.fed // self.page_size
+        try:
+            snapshot = self.prefix.insert(request.chain[n - 1], request.fed, request.pages[:n])
+            if snapshot is not None:
+                self.steps.save_prefix(request.slot, snapshot)
+        except Exception as exc:  # noqa: BLE001 - an empty cache is still correct
+            log.error("caching a prompt prefix failed, the prefix cache is emptied: %r", exc)
+            self.prefix.clear()
 
     def _record_prompt_logprobs(self, request: _Request, scores: Sampled, row: int, start: int,
                                 n: int) -> None:
@@ -484,6 +590,8 @@ class Engine:
             self._fail(request, exc)
 
     def _decode_step(self) -> None:
+        """One decode dispatch for every generating slot: up to decode_steps tokens each, one
+        when decode_steps is 1 or a constrained request needs its mask for the next token."""
         rows = [r if r is not None and r.decoding and r.generated else None for r in self._slots]
         running = [r for r in rows if r is not None]
         if not running:
@@ -494,14 +602,21 @@ class Engine:
                                     self._allowed(rows, len(rows)))
         reading = [r.slot for r in self._reading()]
         protect = np.arange(self.steps.prefill_rows) < len(reading)
+        k = self.steps.decode_steps
         try:
-            sampled = _to_host(self.steps.decode(tokens, writing, self._fixed_rows(reading),
-                                                 protect, sampling))
+            if k == 1 or sampling.allowed is not None:
+                one = _to_host(self.steps.decode(tokens, writing, self._fixed_rows(reading), protect, sampling))
+                sampled, counts = jax.tree.map(lambda x: x[None], one), writing.astype(np.int32)
+            else:
+                budget = np.asarray([min(k, r.params.max_tokens - len(r.generated)) if r else 0 for r in rows],
+                                    np.int32)
+                sampled, counts = _to_host(self.steps.decode_many(tokens, budget, self._fixed_rows(reading),
+                                                                  protect, sampling))
         except Exception as exc:  # noqa: BLE001
             self._step_failed(running, exc)
             return
         for request in running:
-            self._accept(request, sampled, request.slot)
+            self._accept(request, sampled, request.slot, int(counts[request.slot]))
 
     def _allowed(self, rows: list[_Request | None], n: int) -> np.ndarray | None:
         """The allowed-token mask bool `[n, V]` of a step whose first rows sample for `rows`
@@ -514,37 +629,42 @@ class Engine:
                 allowed[i] = request.mask.allowed()
         return allowed
 
-    def _accept(self, request: _Request, sampled: Sampled, row: int) -> None:
-        """Record the token sampled for `request` (row `row` of `sampled`) and send its output."""
+    def _accept(self, request: _Request, sampled: Sampled, row: int, n: int) -> None:
+        """Record the first `n` tokens sampled for `request` (column `row` of `sampled`, whose
+        arrays have a leading step axis), in order, up to the one that ends it, and send them as
+        one output."""
         try:
-            token = int(sampled.token[row])
-            if request.mask is not None:
-                request.mask.accept(token)
-            now = time.monotonic()
-            if not request.generated:
-                self.metrics.observe_ttft(now - request.arrival)
-            else:
-                self.metrics.observe_inter_token(now - request.last_token)
-            request.last_token = now
-            self.metrics.add_tokens(1, now)
-            request.generated.append(token)
-            finish = None
-            params = request.params
-            if token in params.stop_token_ids or (token == self.tokenizer.eos_token_id and not params.ignore_eos):
-                text, finish = request.stream.flush(), "stop"
-            else:
-                text, hit = request.stream.push(token)
+            params, first = request.params, not request.generated
+            tokens, logprobs, text, finish = [], [], "", None
+            for i in range(n):
+                token = int(sampled.token[i, row])
+                if request.mask is not None:
+                    request.mask.accept(token)
+                request.generated.append(token)
+                tokens.append(token)
+                if params.logprobs is not None:
+                    k = params.logprobs
+                    top = list(zip(sampled.top_ids[i, row, :k].tolist(), sampled.top_logprobs[i, row, :k].tolist()))
+                    logprobs.append(TokenLogprob(token, float(sampled.logprob[i, row]), top))
+                if token in params.stop_token_ids or (token == self.tokenizer.eos_token_id and not params.ignore_eos):
+                    text, finish = text + request.stream.flush(), "stop"
+                    break
+                delta, hit = request.stream.push(token)
+                text += delta
                 if hit:
                     finish = "stop"
-                elif len(request.generated) >= request.params.max_tokens:
+                    break
+                if len(request.generated) >= params.max_tokens:
                     text, finish = text + request.stream.flush(), "length"
-            logprobs = []
-            if request.params.logprobs is not None:
-                k = request.params.logprobs
-                top = list(zip(sampled.top_ids[row, :k].tolist(), sampled.top_logprobs[row, :k].tolist()))
-                logprobs = [TokenLogprob(token, float(sampled.logprob[row]), top)]
-            first = len(request.generated) == 1
-            request.on_output(Output(request.id, text, [token], logprobs, finish, len(request.prompt),
+                    break
+            now = time.monotonic()
+            if first:
+                self.metrics.observe_ttft(now - request.arrival)
+            for _ in range(len(tokens) - first):  # tokens that arrive together share the time since the last
+                self.metrics.observe_inter_token((now - request.last_token) / len(tokens))
+            request.last_token = now
+            self.metrics.add_tokens(len(tokens), now)
+            request.on_output(Output(request.id, text, tokens, logprobs, finish, len(request.prompt),
                                      len(request.generated),
                                      prompt_logprobs=request.prompt_logprobs if first else None))
             if finish is not None:
@@ -558,6 +678,8 @@ class Engine:
         log.error("engine step failed: %s", "".join(traceback.format_exception(exc)))
         if not self.steps.cache_alive():
             self.steps.rebuild()
+            if self.prefix is not None:  # the K/V of the cached prefixes went with the pool
+                self.prefix.clear()
             requests = [r for r in self._slots if r is not None]
         for request in requests:
             self._fail(request, exc)
@@ -589,10 +711,9 @@ class Engine:
         self.metrics.add_finished(reason, time.monotonic() - request.arrival)
 
 
-def _to_host(sampled: Sampled) -> Sampled:
-    """Device arrays -> numpy (one transfer per step)."""
-    return Sampled(*(np.asarray(x) for x in (sampled.token, sampled.logprob, sampled.top_ids,
-                                                sampled.top_logprobs)))
+def _to_host(tree):
+    """A step's device arrays (any pytree of them) -> numpy, in one transfer."""
+    return jax.device_get(tree)
 
 
 def merge_outputs(parts: list[Output]) -> Output:

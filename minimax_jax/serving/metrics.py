@@ -1,7 +1,8 @@
 """Engine metrics in the Prometheus text format, every sample labelled with the served model's
 name (`model_name`): queue depth, running slots, K/V pages in use and free, decode tokens/s, the
-token and request counters, requests rejected (answered 4xx), and histograms of time to first
-token, end-to-end request time, inter-token time and time waiting in the queue for a slot."""
+token and request counters, requests rejected (answered 4xx), the prefix cache's hits, misses,
+prompt tokens reused, entries and pages, and histograms of time to first token, end-to-end request
+time, inter-token time and time waiting in the queue for a slot."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.rejected = 0
+        self.prefix_hits = 0
+        self.prefix_misses = 0
+        self.prefix_hit_tokens = 0
+        self.prefix_entries = 0
+        self.prefix_pages = 0
         self.finished: collections.Counter[str] = collections.Counter()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -81,6 +87,20 @@ class Metrics:
         """A request of `n` prompt tokens was accepted."""
         with self._lock:
             self.prompt_tokens += n
+
+    def add_prefix_lookup(self, hit_tokens: int) -> None:
+        """An admitted request found a cached prefix of `hit_tokens` prompt tokens (0: a miss)."""
+        with self._lock:
+            if hit_tokens:
+                self.prefix_hits += 1
+                self.prefix_hit_tokens += hit_tokens
+            else:
+                self.prefix_misses += 1
+
+    def set_prefix_cache(self, entries: int, pages: int) -> None:
+        """Cached prefixes (snapshots held), and the K/V pages they hold."""
+        with self._lock:
+            self.prefix_entries, self.prefix_pages = entries, pages
 
     def add_rejected(self) -> None:
         """A request was refused (answered with a 4xx status)."""
@@ -141,6 +161,16 @@ class Metrics:
             single("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", self.prompt_tokens)
             single("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
             single("requests_rejected_total", "counter", "Requests refused with a 4xx answer.", self.rejected)
+            single("prefix_cache_hits_total", "counter", "Admitted requests that reused a cached prompt prefix.",
+                   self.prefix_hits)
+            single("prefix_cache_misses_total", "counter",
+                   "Admitted requests that found no cached prompt prefix (prefix cache on).", self.prefix_misses)
+            single("prefix_cache_hit_tokens_total", "counter", "Prompt tokens read from the prefix cache.",
+                   self.prefix_hit_tokens)
+            single("prefix_cache_entries", "gauge", "Cached prompt prefixes (lightning-state snapshots held).",
+                   self.prefix_entries)
+            single("prefix_cache_pages", "gauge", "K/V pool pages held by cached prompt prefixes.",
+                   self.prefix_pages)
             metric("requests_finished_total", "counter", "Finished requests by reason.",
                    [f'{p}_requests_finished_total{{{label},reason="{r}"}} {n}'
                     for r, n in sorted(self.finished.items())])

@@ -35,21 +35,25 @@ class Served:
 def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
           checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
           prefill_chunk: int = 256, prefill_rows: int = 4, page_size: int = PAGE_SIZE,
-          kv_pages: int | None = None) -> Served:
+          kv_pages: int | None = None, decode_steps: int = 1, prefix_cache_slots: int = 0) -> Served:
     """Engine (started and warmed up: reset, decode and the prefill of every length bucket
     compiled; the prefill that also scores a prompt compiles on the first `echo` with logprobs,
     the steps of constrained decoding on the first constrained request) + app; see `Engine` for
-    the sizes. The chat template comes from `checkpoint_dir`'s tokenizer files when it has one,
-    else the model's MiniMax chat format (Text-01's, or MiniMax-M1's for its `model_type`), in
-    which the output is read either way. Metrics are labelled with `model_name`."""
+    the sizes, `decode_steps` and `prefix_cache_slots`. The chat template comes from
+    `checkpoint_dir`'s tokenizer files when it has one, else the model's MiniMax chat format
+    (Text-01's, or MiniMax-M1's for its `model_type`), in which the output is read either way.
+    Metrics are labelled with `model_name`."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context,
                     prefill_chunk=prefill_chunk, prefill_rows=prefill_rows, page_size=page_size,
-                    kv_pages=kv_pages, metrics=Metrics(model_name=model_name))
+                    kv_pages=kv_pages, metrics=Metrics(model_name=model_name), decode_steps=decode_steps,
+                    prefix_cache_slots=prefix_cache_slots)
     engine.start()
     engine.generate([0], SamplingParams(max_tokens=2, temperature=0.0))  # the smallest bucket, decode
     for length in engine.buckets[1:]:
         if length < max_context and engine.pages_needed(length, 1) <= engine.pages.num_pages:
+            engine.reset_prefix_cache()  # read every warm-up prompt whole, in one chunk
             engine.generate([0] * length, SamplingParams(max_tokens=1, temperature=0.0))
+    engine.reset_prefix_cache()
     app = create_app(engine, tokenizer, model_name=model_name,
                      chat_template=ChatTemplate.from_dir(checkpoint_dir, chat_format(model.config.model_type)))
     return Served(engine, app)

@@ -1,9 +1,9 @@
 """The engine's compiled steps over a fixed set of slots (the rows of one paged `Cache`, and of
 the slots' sampling state `SlotState`).
 
-Every step has fixed shapes (slot count, pages per slot), so `reset` and `decode` compile once and
-`prefill` once per prompt chunk length the engine uses (a few buckets), twice if prompts are
-scored:
+Every step has fixed shapes (slot count, pages per slot), so `reset` and the decode loop compile
+once and `prefill` once per prompt chunk length the engine uses (a few buckets), twice if prompts
+are scored:
 - `reset(slot, pages, bias, suppress)`: empty a slot for a new request, give it its K/V pages
   and its logit bias and suppressed ids;
 - `prefill(rows [R], tokens [R, C], mask [R, C], active [R], sampling, targets [R, C] | None)`:
@@ -12,10 +12,20 @@ scored:
   tokens seen) and sample from each chunk's last position; with `targets` also score every
   position of the chunk. Inactive rows are left as they were, pages included (they fill the R
   rows when fewer prompts are read);
-- `decode(tokens [B], running [B], protect_rows [R], protect [R], sampling)`: one token for
-  every slot; only running slots write K/V and count the token they are fed, and the protected
-  rows (slots mid-prefill, at most R of them) keep their row state untouched. Only those R rows
-  are saved and restored, never the whole cache; free slots are reset when they are taken.
+- `decode_many(tokens [B], budget [B], protect_rows [R], protect [R], sampling)`: up to
+  `decode_steps` tokens for every slot in one dispatch, a `lax.while_loop` on the device: each
+  iteration feeds every active slot its last token, writes its K/V, samples the next one and
+  counts it; a slot stops at its budget (the tokens it may still generate) or on sampling one of
+  its suppressed ids (EOS, stop_token_ids), and the loop ends when every slot has stopped. A
+  slot that stops writes no more K/V; the rest of its row state is then undefined (its request
+  has ended). The protected rows (slots mid-prefill, at most R of them) keep their row state
+  untouched: only those R rows are saved and restored, never the whole cache. Free slots are
+  reset when they are taken. `decode` is one iteration of the same loop (for steps whose next
+  token needs host work first);
+- `save_prefix(slot, index)` / `restore_prefix(slot, index, length)`: copy a slot's per-slot
+  state that no page holds (the lightning states, the tokens seen) to snapshot `index` of the
+  prefix store, and back into a freshly reset slot whose first length / Z pages hold the
+  prefix's K/V.
 The K/V pool is shared by all slots and never cleared: a slot reads only the slots it wrote since
 its reset (kv_mask), so pages can pass from one request to the next as they are.
 """
@@ -26,6 +36,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,8 +44,8 @@ from minimax_jax.cache import (NO_PAGE, Cache, drop_writes, init_cache, keep_row
                                reset_rows, take_rows)
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.model import MiniMaxForCausalLM
-from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Sampled, SamplingBatch,
-                                          SlotState, count_fed, reset_slot, sample_rows,
+from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS, Sampled,
+                                          SamplingBatch, SlotState, count_fed, reset_slot, sample_rows,
                                           score_positions, see_prompt)
 
 
@@ -46,22 +57,51 @@ def cache_bytes(cfg: MiniMaxConfig, *, slots: int, pages_per_slot: int, page_siz
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(empty)))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixStore:
+    """Snapshots of the per-slot state of cached prefixes, N of them: lightning_state float32
+    `[N, num_blocks, n_linear, H, K, K]` (a slot's lightning states) and seen bool `[N, V]` (the
+    prompt tokens its sampler had seen)."""
+
+    lightning_state: jax.Array
+    seen: jax.Array
+
+    @staticmethod
+    def empty(cfg: MiniMaxConfig, n: int) -> "PrefixStore":
+        """N zero snapshots for the model `cfg`."""
+        state = jax.eval_shape(lambda: init_cache(cfg, 1, 1)).lightning_state
+        shape = (n, *state.shape[:2], *state.shape[3:])
+        return PrefixStore(jnp.zeros(shape, jnp.float32), jnp.zeros((n, cfg.vocab_size), jnp.bool_))
+
+
+def prefix_store_bytes(cfg: MiniMaxConfig, n: int) -> int:
+    """Bytes of a `PrefixStore` of `n` snapshots (nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: PrefixStore.empty(cfg, n))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
 class Steps:
     """The compiled steps of one model over `slots` rows of `pages_per_slot` pages of
     `page_size` tokens each, drawn from a pool of `num_pages` pages; up to `prefill_rows`
-    prompts per prefill step.
+    prompts per prefill step, up to `decode_steps` tokens per decode dispatch, and
+    `prefix_snapshots` snapshot slots for the prefix cache (0: none).
 
-    The cache and the sampling state live here and are only touched by these methods (the
-    engine loop's thread).
+    The cache, the sampling state and the prefix store live here and are only touched by these
+    methods (the engine loop's thread).
     """
 
     def __init__(self, model: MiniMaxForCausalLM, *, slots: int, pages_per_slot: int,
-                 page_size: int, num_pages: int, prefill_rows: int):
+                 page_size: int, num_pages: int, prefill_rows: int, decode_steps: int = 1,
+                 prefix_snapshots: int = 0):
         graphdef, self.params = nnx.split(model)
-        self.slots, self.prefill_rows = slots, prefill_rows
+        self.slots, self.prefill_rows, self.decode_steps = slots, prefill_rows, decode_steps
         self.pages_per_slot, self.page_size, self.num_pages = pages_per_slot, page_size, num_pages
         self.config = model.config
+        self.prefix_snapshots = prefix_snapshots
         self.cache, self.state = self._empty()
+        self.store = PrefixStore.empty(self.config, prefix_snapshots) if prefix_snapshots else None
+        top = min(TOP_LOGPROBS, self.config.vocab_size)
 
         def reset(cache: Cache, state: SlotState, slot, table, bias_ids, bias_values, suppress_ids):
             return (reset_rows(cache, slot[None], table),
@@ -79,19 +119,58 @@ class Steps:
             scores = None if targets is None else score_positions(model.logits, h, targets)
             return new, state, sampled, scores
 
-        def decode(params, cache: Cache, state: SlotState, tokens, running, protect_rows, protect,
-                   sampling: SamplingBatch):
+        def decode_loop(params, cache: Cache, state: SlotState, tokens, budget, protect_rows, protect,
+                        sampling: SamplingBatch, *, steps: int):
             model = nnx.merge(graphdef, params)
             saved = take_rows(cache, protect_rows)
-            logits, new, _ = model.forward(tokens[:, None], cache=drop_writes(cache, running))
-            new = dataclasses.replace(new, page_table=cache.page_table)
-            restored = keep_rows(~protect, take_rows(new, protect_rows), saved)
-            state = count_fed(state, tokens, running)
-            return put_rows(new, protect_rows, restored), state, sample_rows(logits[:, 0], sampling, state)
+            b = tokens.shape[0]
+            out = Sampled(jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), jnp.float32),
+                          jnp.zeros((steps, b, top), jnp.int32), jnp.zeros((steps, b, top), jnp.float32))
+
+            def more(carry) -> jax.Array:
+                i, _, _, _, active, _, _ = carry
+                return (i < steps) & jnp.any(active)
+
+            def step(carry):
+                i, cache, state, token, active, count, out = carry
+                logits, new, _ = model.forward(token[:, None], cache=drop_writes(cache, active))
+                new = dataclasses.replace(new, page_table=cache.page_table)
+                state = count_fed(state, token, active)
+                sampled = sample_rows(logits[:, 0], dataclasses.replace(sampling, step=sampling.step + i),
+                                      state)
+                out = jax.tree.map(lambda buf, x: buf.at[i].set(x), out, sampled)
+                count = count + active
+                stopped = state.suppress[jnp.arange(b), sampled.token]
+                return i + 1, new, state, sampled.token, active & (count < budget) & ~stopped, count, out
+
+            start = (jnp.int32(0), cache, state, tokens, budget > 0, jnp.zeros((b,), jnp.int32), out)
+            _, cache, state, _, _, count, out = jax.lax.while_loop(more, step, start)
+            restored = keep_rows(~protect, take_rows(cache, protect_rows), saved)
+            return put_rows(cache, protect_rows, restored), state, out, count
+
+        def decode_one(params, cache, state, tokens, running, protect_rows, protect, sampling):
+            cache, state, out, _ = decode_loop(params, cache, state, tokens, running.astype(jnp.int32),
+                                               protect_rows, protect, sampling, steps=1)
+            return cache, state, jax.tree.map(lambda x: x[0], out)
+
+        def save_prefix(store: PrefixStore, cache: Cache, state: SlotState, slot, index):
+            return PrefixStore(store.lightning_state.at[index].set(cache.lightning_state[:, :, slot]),
+                               store.seen.at[index].set(state.seen[slot]))
+
+        def restore_prefix(cache: Cache, state: SlotState, store: PrefixStore, slot, index, length):
+            cache = dataclasses.replace(
+                cache, lightning_state=cache.lightning_state.at[:, :, slot].set(store.lightning_state[index]),
+                kv_mask=cache.kv_mask.at[slot].set(jnp.arange(cache.max_length) < length),
+                length=cache.length.at[slot].set(length),
+                next_position=cache.next_position.at[slot].set(length))
+            return cache, dataclasses.replace(state, seen=state.seen.at[slot].set(store.seen[index]))
 
         self._reset = jax.jit(reset, donate_argnums=(0, 1))
         self._prefill = jax.jit(prefill, donate_argnums=(1, 2))
-        self._decode = jax.jit(decode, donate_argnums=(1, 2))
+        self._decode = jax.jit(decode_one, donate_argnums=(1, 2))
+        self._decode_many = jax.jit(functools.partial(decode_loop, steps=decode_steps), donate_argnums=(1, 2))
+        self._save_prefix = jax.jit(save_prefix, donate_argnums=(0,))
+        self._restore_prefix = jax.jit(restore_prefix, donate_argnums=(0, 1))
 
     def _empty(self) -> tuple[Cache, SlotState]:
         cache = init_cache(self.config, self.slots, self.pages_per_slot * self.page_size,
@@ -103,7 +182,7 @@ class Steps:
         """Empty slot `slot` (zero lightning state, no K/V in use, position 0, nothing seen or
         generated), give it the pool pages `pages` (at most pages_per_slot ids) as its slots 0,
         Z, 2Z, ..., the logit bias `bias` (token id -> bias, at most MAX_LOGIT_BIAS) and the ids
-        `suppress` (at most MAX_STOP_TOKEN_IDS + 1) to mask before min_tokens."""
+        `suppress` (at most MAX_STOP_TOKEN_IDS + 1) to mask before min_tokens and to stop at."""
         bias = bias or {}
         if len(pages) > self.pages_per_slot:
             raise ValueError(f"a slot holds at most {self.pages_per_slot} pages, got {len(pages)}")
@@ -136,11 +215,37 @@ class Steps:
                                                    protect_rows, protect, sampling)
         return out
 
+    def decode_many(self, tokens, budget, protect_rows, protect,
+                    sampling: SamplingBatch) -> tuple[Sampled, jax.Array]:
+        """Up to decode_steps tokens per slot in one dispatch: feed int32 tokens `[B]` and go on
+        feeding each slot what it samples, at most int32 budget `[B]` tokens (0: the slot does not
+        run), stopping a slot early when it samples one of its suppressed ids. `sampling.step` is
+        each slot's count of tokens sampled before this dispatch. Protected rows as in `decode`.
+        Returns the samples `[decode_steps, B]` (row i: the i-th token of this dispatch) and the
+        int32 `[B]` count of valid ones per slot."""
+        self.cache, self.state, out, count = self._decode_many(
+            self.params, self.cache, self.state, tokens, budget, protect_rows, protect, sampling)
+        return out, count
+
+    def save_prefix(self, slot: int, index: int) -> None:
+        """Copy slot `slot`'s lightning states and seen tokens to snapshot `index`."""
+        self.store = self._save_prefix(self.store, self.cache, self.state, np.int32(slot), np.int32(index))
+
+    def restore_prefix(self, slot: int, index: int, length: int) -> None:
+        """Make the just reset slot `slot` continue after a cached prefix of `length` tokens: its
+        lightning states and seen tokens from snapshot `index`, its first `length` K/V slots in
+        use (its first length / Z pages must hold the prefix's K/V), position `length`."""
+        self.cache, self.state = self._restore_prefix(self.cache, self.state, self.store, np.int32(slot),
+                                                      np.int32(index), np.int32(length))
+
     def cache_alive(self) -> bool:
-        """False when a failed step consumed the (donated) cache or state; `rebuild` then starts over."""
-        return not any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.state)))
+        """False when a failed step consumed the (donated) cache, state or prefix store; `rebuild`
+        then starts over."""
+        return not any(x.is_deleted() for x in jax.tree.leaves((self.cache, self.state, self.store)))
 
     def rebuild(self) -> None:
-        """A fresh empty cache and sampling state for all slots, none holding pages (after a
-        step failed and consumed the old ones)."""
+        """A fresh empty cache, sampling state and prefix store for all slots, none holding pages
+        (after a step failed and consumed the old ones)."""
         self.cache, self.state = self._empty()
+        if self.store is not None:
+            self.store = PrefixStore.empty(self.config, self.prefix_snapshots)
