@@ -1,11 +1,9 @@
-"""Device meshes over the named axes `data, fsdp, expert, tensor, sequence`, parameter placement
-from logical axis names, and multi-host start-up."""
+"""Device meshes over the named axes `data, fsdp, expert, tensor, sequence` and parameter placement
+from logical axis names."""
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -13,29 +11,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sharding.rules import DEFAULT_RULES, MESH_AXES, MeshAxes, logical_to_spec
-
-log = logging.getLogger("sharding")
-
-DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
-def initialize_distributed() -> bool:
-    """Join a multi-host job when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
-    are all set (one process per host); otherwise stay single-process. Returns whether it joined."""
-    present = [k for k in DISTRIBUTED_ENV if os.environ.get(k)]
-    if not present:
-        return False
-    if len(present) != len(DISTRIBUTED_ENV):
-        missing = sorted(set(DISTRIBUTED_ENV) - set(present))
-        raise RuntimeError(f"multi-host start-up needs all of {list(DISTRIBUTED_ENV)}; missing {missing}")
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-    log.info("joined a %d-process job as process %d (%d devices in all)",
-             jax.process_count(), jax.process_index(), jax.device_count())
-    return True
 
 
 def make_mesh(shape: Mapping[str, int]) -> Mesh:

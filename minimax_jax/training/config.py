@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from minimax_jax.config import ConfigError, MiniMaxConfig, coerce_fields, parse_overrides, read_yaml
+from sharding.distributed import DistributedConfig
 from sharding.rules import MESH_AXES
 
 
@@ -20,7 +21,9 @@ class TrainConfig:
     `tokenizer`: None for bytes, or a local tokenizer.json. Rows of `seq_len` tokens are packed
     with segment ids; `val_fraction` of the documents are held out. `mesh` (e.g. {data: 2, fsdp: 4})
     shards params by their logical axes (`sharding.rules`) and batches over data x fsdp; None
-    trains on one device.
+    trains on one device (a multi-process job without one gets {data: -1}). `distributed`
+    ({coordinator_address, num_processes, process_id, cluster}, see `sharding.distributed`) says
+    how to join a multi-process job; None detects it from the environment.
     """
 
     run_dir: str = "runs/tiny"
@@ -49,6 +52,7 @@ class TrainConfig:
     init_from: str | None = None
     max_bad_steps: int = 5
     mesh: dict[str, int] | None = None
+    distributed: dict[str, Any] | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 120
     progress: bool = True
@@ -65,6 +69,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        try:
+            DistributedConfig.from_mapping(self.distributed)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"distributed: {e}") from None
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
 
@@ -72,6 +80,11 @@ class TrainConfig:
     def checkpoints(self) -> Path:
         """Where the training checkpoints go (default: `run_dir`/checkpoints)."""
         return Path(self.checkpoint_dir or Path(self.run_dir) / "checkpoints")
+
+    @property
+    def distributed_settings(self) -> DistributedConfig:
+        """The `distributed:` mapping as a DistributedConfig."""
+        return DistributedConfig.from_mapping(self.distributed)
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -88,14 +101,16 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
     """Read a YAML file and apply `key=value` overrides -> (TrainConfig, MiniMaxConfig).
 
     Training keys are top-level; model keys live under `model:` and are overridden as `model.KEY`,
-    mesh axis sizes as `mesh.AXIS` (or the whole `mesh={...}`).
+    mesh axis sizes as `mesh.AXIS` (or the whole `mesh={...}`), multi-process settings as
+    `distributed.KEY`.
     A config needs a `model:` section (or `init_from`): without one no model is built. Every
     problem is a ConfigError naming the file.
     """
     raw = read_yaml(path)
     train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
     valid = (train_keys + [f"model.{k}" for k in MiniMaxConfig.field_names()]
-             + [f"mesh.{a}" for a in MESH_AXES])
+             + [f"mesh.{a}" for a in MESH_AXES]
+             + [f"distributed.{f.name}" for f in dataclasses.fields(DistributedConfig)])
     unknown = sorted(set(raw) - set(train_keys) - {"model"})
     if unknown:
         raise ConfigError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
@@ -106,8 +121,9 @@ def load_train_config(path: str | Path, overrides: Iterable[str] = ()) -> tuple[
     for key, value in parse_overrides(overrides, valid).items():
         if key.startswith("model."):
             model[key.removeprefix("model.")] = value
-        elif key.startswith("mesh."):
-            train["mesh"] = {**(train.get("mesh") or {}), key.removeprefix("mesh."): value}
+        elif key.startswith(("mesh.", "distributed.")):
+            group, name = key.split(".", 1)
+            train[group] = {**(train.get(group) or {}), name: value}
         else:
             train[key] = value
     if not model and not train.get("init_from"):

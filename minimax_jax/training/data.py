@@ -5,6 +5,9 @@ Documents come from text files (one file, one document), .jsonl (one `text` fiel
 are cut from the concatenated stream (a document may continue in the next row); segment ids keep
 documents apart (the softmax mask and the lightning-state reset). The iterator is deterministic
 and its state is a small JSON-able dict that goes into every checkpoint.
+
+In a multi-process job every process runs the same pipeline (so the iterator state is the same
+everywhere) and `global_batch` hands each process's devices only the rows they hold.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from minimax_jax.tokenizer import Tokenizer
@@ -178,3 +182,26 @@ class DataPipeline:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.train.set_state(state)
+
+
+def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> slice:
+    """The rows (first dimension) of a global array of `shape` that this process's devices hold
+    under `sharding`; a ValueError when they are not one contiguous range."""
+    spans = sorted({(idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
+                    for idx in sharding.addressable_devices_indices_map(shape).values()})
+    end = spans[0][0]
+    for start, stop in spans:
+        if start > end:
+            raise ValueError(f"this process's devices hold rows {spans} of a {shape[0]}-row batch, not one "
+                             f"contiguous range; order the mesh so each process's devices are adjacent")
+        end = max(end, stop)
+    return slice(spans[0][0], end)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """A global batch (the same on every process) as jax.Arrays split by `sharding`, each process
+    putting only its own rows (`process_rows`) on its own devices."""
+    out = {}
+    for key, x in batch.items():
+        out[key] = jax.make_array_from_process_local_data(sharding, x[process_rows(sharding, x.shape)], x.shape)
+    return out

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from minimax_jax.checkpoint import CheckpointError, load_model, param_shapes, save_model
 from minimax_jax.config import MiniMaxConfig
@@ -25,11 +26,12 @@ from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.tokenizer import Tokenizer, load_tokenizer
 from minimax_jax.training.checkpointing import TrainCheckpoints, abstract_like, ensure_writable
 from minimax_jax.training.config import TrainConfig, check_seq_len
-from minimax_jax.training.data import DataPipeline, find_files
+from minimax_jax.training.data import DataPipeline, find_files, global_batch
 from minimax_jax.training.metrics import MetricsLogger, peak_flops, plot_losses, train_flops_per_token
-from minimax_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from minimax_jax.training.optimizer import init_sharded, learning_rate_schedule, make_optimizer
 from minimax_jax.training.step import TrainState, eval_step, split_batch, train_step
 from sharding import batch_sharding, make_mesh, param_shardings
+from sharding.distributed import is_primary
 
 log = logging.getLogger("minimax_jax.training")
 
@@ -97,7 +99,7 @@ def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Me
     training state cannot fit in the devices' memory, before allocating anything."""
     cfg = model_config(tcfg, mcfg)
     check_seq_len(tcfg, cfg)
-    devices = jax.devices() if tcfg.mesh else None
+    devices = None if mesh is None else sorted(mesh.devices.flat, key=lambda d: d.process_index != jax.process_index())
     require_memory(training_bytes(cfg), f"training the {cfg.num_hidden_layers}-layer, "
                    f"{cfg.hidden_size}-wide model (params, gradients, AdamW state)", devices)
     create = lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(tcfg.seed))  # noqa: E731
@@ -141,6 +143,11 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
         allow_non_finite: bool = False) -> dict[str, Any]:
     """Train per the configs; returns a summary (final losses, baseline, paths, throughput).
 
+    In a multi-process job (`sharding.distributed.initialize` first) every process runs this
+    with the same configs; each feeds its devices' rows of every batch, all write the Orbax
+    checkpoints, process 0 alone writes the metrics and the plot; no model directory and no
+    sample are made (summary `model_dir` None): resuming the checkpoint in one process does that.
+
     `verify=False` resumes from and initialises from checkpoints without checking their
     checksums; `allow_non_finite` accepts NaN / Inf weights in `init_from`.
     """
@@ -149,7 +156,8 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     checkpoints = TrainCheckpoints(tcfg.checkpoints, keep=tcfg.keep_checkpoints, save_every=tcfg.save_every,
                                    verify=verify)
     tokenizer = load_tokenizer(tcfg.tokenizer)
-    mesh = make_mesh(tcfg.mesh) if tcfg.mesh else None
+    mesh_shape = tcfg.mesh or ({"data": -1} if jax.process_count() > 1 else None)
+    mesh = make_mesh(mesh_shape) if mesh_shape else None
     model = build_model(tcfg, mcfg, mesh=mesh, verify=verify, allow_non_finite=allow_non_finite)
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
@@ -163,15 +171,23 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     graphdef, params = nnx.split(model)
     place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
     mesh_scope = contextlib.nullcontext  # the steps run under the mesh, so the ops see it
+    replicated = None
     if mesh is not None:
         mesh_scope = functools.partial(jax.set_mesh, mesh)
-        batch_spec = batch_sharding(mesh)
-        place_batch = lambda batch: jax.device_put(batch, batch_spec)  # noqa: E731
+        rows = batch_sharding(mesh)
+        axes = (rows.spec[0],) if isinstance(rows.spec[0], str) else tuple(rows.spec[0] or ())
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if tcfg.batch_size % (ways * tcfg.grad_accum):
+            raise ValueError(f"batch_size ({tcfg.batch_size}) in {tcfg.grad_accum} micro-batch(es) cannot be split "
+                             f"{ways} ways over mesh axes {list(axes)} (mesh {dict(mesh.shape)})")
+        place_batch = functools.partial(global_batch, sharding=rows)
+        replicated = NamedSharding(mesh, PartitionSpec())
         log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     optimizer = make_optimizer(tcfg)
     schedule = learning_rate_schedule(tcfg)
-    state = TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
-                       step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(tcfg.seed)))
+    rng = np.asarray(jax.random.key_data(jax.random.key(tcfg.seed)))
+    state = TrainState(params=params, opt_state=init_sharded(optimizer, params, replicated),
+                       step=jax.device_put(np.zeros((), np.int32), replicated), rng=jax.device_put(rng, replicated))
     skipped = 0
     restored = checkpoints.restore_latest(abstract_like(state)) if tcfg.resume else None
     if restored is not None:
@@ -186,9 +202,11 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
 
     val_batches = data.validation(tcfg.eval_batches)
     baseline = unigram_entropy(val_batches)
+    val_placed = [place_batch(b) for b in val_batches]
     flops_tok, peak = train_flops_per_token(mcfg, tcfg.seq_len), peak_flops()
     aux_coef = mcfg.router_aux_loss_coef
-    logger = MetricsLogger(run_dir, tcfg.steps, start, tcfg.progress)
+    primary = is_primary()
+    logger = MetricsLogger(run_dir, tcfg.steps, start, tcfg.progress, enabled=primary)
     stop = _StopRequest()
     consecutive_bad, t_last, steps_since = 0, time.perf_counter(), 0
     val_loss = train_loss = math.nan
@@ -227,7 +245,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
                 t_last, steps_since = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
                 with mesh_scope():
-                    val_loss = evaluate(state.params, graphdef, val_batches)
+                    val_loss = evaluate(state.params, graphdef, val_placed)
                 record["val_loss"] = val_loss
                 t_last, steps_since = time.perf_counter(), 0  # throughput counts training steps only
             if record:
@@ -245,14 +263,19 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
         logger.close()
         checkpoints.close()
 
-    model = nnx.merge(graphdef, state.params)
-    model_dir = run_dir / "model"
-    save_model(model, model_dir, tokenizer=tokenizer)
-    plot = plot_losses(run_dir, baseline)
-    sample_seed = int(jax.random.randint(jax.random.wrap_key_data(state.rng), (), 0, 2**31 - 1))
-    sample = sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+    model_dir, sample = None, ""
+    plot = plot_losses(run_dir, baseline) if primary else run_dir / "loss.png"
+    if jax.process_count() == 1:
+        model = nnx.merge(graphdef, state.params)
+        model_dir = save_model(model, run_dir / "model", tokenizer=tokenizer)
+        sample_seed = int(jax.random.randint(jax.random.wrap_key_data(state.rng), (), 0, 2**31 - 1))
+        sample = sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+    else:
+        log.info("a multi-process run writes no model directory: the state is in %s; resume it in one process "
+                 "(`steps=%d`, any mesh) to write the model and a sample", checkpoints.directory, int(state.step))
     summary = {"steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss,
-               "unigram_baseline": baseline, "skipped_steps": skipped, "model_dir": str(model_dir),
+               "unigram_baseline": baseline, "skipped_steps": skipped,
+               "model_dir": None if model_dir is None else str(model_dir),
                "checkpoints": str(checkpoints.directory), "plot": str(plot), "sample": sample}
     return summary
 

@@ -84,16 +84,20 @@ class MetricsLogger:
     """Writes every record to `metrics.jsonl` and TensorBoard under `run_dir`, and shows progress.
 
     Records of steps after `start_step` left by an earlier run are dropped first, so a resumed
-    run logs each step once."""
+    run logs each step once. With `enabled=False` (every process of a job but the first) it
+    writes and shows nothing."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool, *, enabled: bool = True):
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
         drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = None
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -101,6 +105,8 @@ class MetricsLogger:
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Record scalar (and list) metrics for `step`."""
+        if not self.enabled:
+            return
         record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -122,6 +128,8 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()

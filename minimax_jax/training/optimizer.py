@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -37,3 +39,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
                     weight_decay=cfg.weight_decay, mask=decay_mask),
     )
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params: Any,
+                    replicated: jax.sharding.Sharding) -> Any:
+    """Shardings of `optimizer.init(params)` for params (arrays or ShapeDtypeStructs) placed on a
+    mesh: every part of the state shaped like the params (AdamW's moments) split as the params
+    are, the rest (step counts) `replicated`."""
+    treedef = jax.tree.structure(params)
+    like_params = lambda x: jax.tree.structure(x) == treedef  # noqa: E731
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.tree.map(lambda x: param_shardings if like_params(x) else replicated,
+                        jax.eval_shape(optimizer.init, params), is_leaf=like_params)
+
+
+def init_sharded(optimizer: optax.GradientTransformation, params: Any,
+                 replicated: jax.sharding.Sharding | None) -> Any:
+    """`optimizer.init(params)`, compiled; with `replicated` (a mesh's replicated sharding) placed
+    by `state_shardings` (left to the compiler, the moments would be whole on every device)."""
+    if replicated is None:
+        return jax.jit(optimizer.init)(params)
+    return jax.jit(optimizer.init, out_shardings=state_shardings(optimizer, params, replicated))(params)
