@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from minimax_jax import quant
 from minimax_jax.cache import PagedKV, write_pages
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.layout import PADDING, TokenLayout
@@ -18,7 +19,8 @@ from minimax_jax.rope import apply_rope
 
 class SoftmaxAttention(nnx.Module):
     """q/k/v projections, RoPE on the first `rotary_dim` dims of q and k, causal GQA through
-    `pallas_kernels.softmax_attention`, o_proj."""
+    `pallas_kernels.softmax_attention`, o_proj (the projections: params, or
+    `quant.QuantizedWeight`s once quantized)."""
 
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
         d, h, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -41,9 +43,9 @@ class SoftmaxAttention(nnx.Module):
         prefill chunk) its keys are exactly the chunk's own, and the op runs as self-attention.
         """
         x = x.astype(self.dtype)
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
-        k = jnp.einsum("btd,dnk->btnk", x, self.k_proj[...].astype(self.dtype))
-        v = jnp.einsum("btd,dnk->btnk", x, self.v_proj[...].astype(self.dtype))
+        q = quant.einsum("btd,dhk->bthk", x, self.q_proj)
+        k = quant.einsum("btd,dnk->btnk", x, self.k_proj)
+        v = quant.einsum("btd,dnk->btnk", x, self.v_proj)
         q = apply_rope(q, layout.positions, theta=self.theta, rotary_dim=self.rotary_dim)
         k = apply_rope(k, layout.positions, theta=self.theta, rotary_dim=self.rotary_dim)
         segments = dict(q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids)
@@ -64,5 +66,5 @@ class SoftmaxAttention(nnx.Module):
                 lambda: pallas_kernels.paged_softmax_attention(
                     q, kv.key, kv.value, kv.page_table, **segments, q_offset=layout.cache_length,
                     impl=self.impl))
-        out = jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+        out = quant.einsum("bthk,hkd->btd", o, self.o_proj)
         return out, kv

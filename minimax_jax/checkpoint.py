@@ -10,6 +10,9 @@ Two formats:
   param: the crc32 of each of N equal contiguous parts of its C-order bytes in the stored dtype,
   N = the blocks it was written in) and `COMPLETE`, written last. A directory without `COMPLETE`
   is never loaded; `load_model` checks every param against `checksums.json` and refuses NaN / Inf.
+  A quantized checkpoint (`convert --quantize`, or `save_model` of a quantized model) also has
+  `quantization.json` (`{"mode": "int8" | "fp8"}`); each quantized weight (see `quant`) is stored
+  as two params, its values `<path>.weight` and its float32 scales `<path>.scale`.
 
 `state/` is written without Orbax's save path (which needs whole arrays in memory): every param
 is a zarr array (Orbax's `use_ocdbt=False` layout) whose chunks tile the per-layer / per-expert
@@ -38,6 +41,7 @@ import tensorstore as ts
 from flax import nnx
 from tqdm import tqdm
 
+from minimax_jax import quant
 from minimax_jax.config import MiniMaxConfig, parse_json
 from minimax_jax.hf_names import IGNORED, Entry, ParamPath, detect_layout, expected_entries
 from minimax_jax.memory import require_memory
@@ -298,12 +302,14 @@ class HFPlan:
     """What an HF directory holds for `cfg`, checked before anything is read.
 
     `entries[name]`: the destinations of each HF tensor; `shapes[path]`: our param shapes;
-    `dtypes[path]`: the dtype each param is stored in (`dtype`, or its HF tensors' dtype).
+    `dtypes[path]`: the dtype each param is stored in (`overrides[path]`, else `dtype`, or its HF
+    tensors' dtype).
     Missing, unexpected (decay buffers aside), wrongly shaped or wrongly typed tensors are all
     reported together in one `CheckpointError`.
     """
 
-    def __init__(self, hf_dir: Path, cfg: MiniMaxConfig, dtype: np.dtype | None):
+    def __init__(self, hf_dir: Path, cfg: MiniMaxConfig, dtype: np.dtype | None,
+                 overrides: dict[ParamPath, np.dtype] | None = None):
         self.reader = HFReader(hf_dir)
         self.layout = detect_layout(set(self.reader.file))
         self.entries = expected_entries(cfg, self.layout)
@@ -326,6 +332,7 @@ class HFPlan:
         if problems:
             raise report(self.reader.dir, problems)
         self.dtypes = {p: np.result_type(*sources[p]) if dtype is None else dtype for p in self.shapes}
+        self.dtypes.update(overrides or {})
 
     def blocks(self, progress: bool = False, allow_non_finite: bool = False) -> Iterator[tuple[Entry, np.ndarray]]:
         """(entry, block of our param in its stored dtype) for every HF tensor, shard by shard.
@@ -533,37 +540,93 @@ def is_orbax_dir(path: Path) -> bool:
     return (Path(path) / STATE_DIR).exists() or (Path(path) / MARKER).exists()
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", verify: bool = True,
-               allow_non_finite: bool = False) -> MiniMaxForCausalLM:
+def read_quantization(ckpt: Path) -> str | None:
+    """The quantization mode of our checkpoint `ckpt` ("int8" | "fp8", from its
+    quantization.json), or None when it has none; a malformed file is a CheckpointError naming it."""
+    file = Path(ckpt) / quant.QUANTIZATION_FILE
+    if not file.is_file():
+        return None
+    data = parse_json(file.read_bytes(), file, CheckpointError)
+    mode = data.get("mode") if isinstance(data, dict) else None
+    if mode not in quant.MODES:
+        raise CheckpointError(f"{file}: expected {{\"mode\": one of {list(quant.MODES)}}}, got {str(data)[:200]}")
+    return mode
+
+
+def write_quantization(ckpt: Path, mode: str) -> None:
+    """Mark `ckpt` as holding weights quantized in `mode` (its quantization.json)."""
+    write_text_atomic(Path(ckpt) / quant.QUANTIZATION_FILE, json.dumps(
+        {"mode": mode, "scales": "float32, per output channel (and expert)", "weights": sorted(quant.CONTRACTED)}))
+
+
+def quantized_layout(shapes: dict[ParamPath, tuple[int, ...]], dtypes: dict[ParamPath, np.dtype],
+                     mode: str | None) -> tuple[dict[ParamPath, tuple[int, ...]], dict[ParamPath, np.dtype]]:
+    """The params as stored in `mode` (None: unchanged): each quantized weight of the float
+    params (`shapes`, `dtypes`) becomes its values (`<path>.weight`, int8 / float8_e4m3fn) and
+    scales (`<path>.scale`, float32). Returns (shapes, dtypes) by path."""
+    out_shapes, out_dtypes = {}, {}
+    for path, shape in shapes.items():
+        stored = quant.stored_param(path, shape, mode)
+        if stored is None:
+            out_shapes[path], out_dtypes[path] = shape, dtypes[path]
+        else:
+            out_shapes[stored.weight], out_dtypes[stored.weight] = shape, stored.value_dtype
+            out_shapes[stored.scale], out_dtypes[stored.scale] = stored.scale_shape, np.dtype(np.float32)
+    return out_shapes, out_dtypes
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str | None = None,
+               verify: bool = True, allow_non_finite: bool = False) -> MiniMaxForCausalLM:
     """Load a `MiniMaxForCausalLM` from an HF directory or one of our Orbax checkpoints.
 
     Params are cast to `dtype` ("float32" | "bfloat16" | "float16"), which also becomes the
-    config's `dtype` and `param_dtype`; they live on the default device. Calling the model
-    as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`. Our checkpoints' params are
-    checked against their checksums.json unless `verify=False`; NaN / Inf in any param is
-    refused unless `allow_non_finite`. A broken checkpoint is a CheckpointError naming the file
-    (a ConfigError for its config.json, or when the params cannot fit in the device memory).
+    config's `dtype` and `param_dtype`; they live on the default device. `quantize` ("int8" |
+    "fp8") quantizes the expert and attention projections as they are read (`quant`: values with
+    float32 scales per output channel, quantized from the checkpoint's own values); the rest keep
+    `dtype`. A quantized checkpoint loads quantized as stored (quantize None or its own mode).
+    Calling the model as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`. Our
+    checkpoints' params are checked against their checksums.json unless `verify=False`; NaN / Inf
+    in any param is refused unless `allow_non_finite`. A broken checkpoint is a CheckpointError
+    naming the file (a ConfigError for its config.json, or when the params cannot fit in the
+    device memory); an unknown `quantize` is a ValueError listing the valid ones.
     """
     path = Path(path)
     target = parse_dtype(dtype)
+    quant.check_mode(quantize)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     orbax = is_orbax_dir(path)
     if orbax and not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER}; was its conversion interrupted?)")
+    stored_mode = read_quantization(path) if orbax else None
+    if stored_mode is not None and quantize not in (None, stored_mode):
+        raise CheckpointError(f"{path}: holds {stored_mode} weights ({quant.QUANTIZATION_FILE}), so it "
+                              f"cannot load as {quantize}; pass quantize={stored_mode!r} or None, or "
+                              f"quantize an unquantized checkpoint")
+    mode = stored_mode or quantize
     cfg = MiniMaxConfig.from_hf_config(path, dtype=dtype, param_dtype=dtype)
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    create = lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    float_shapes = param_shapes(cfg)
+    model = nnx.eval_shape(create if mode is None else lambda: quant.quantize_model(create(), mode))
     abstract = nnx.state(model, nnx.Param)
-    shapes = {p: tuple(v.shape) for p, v in nnx.to_flat_state(abstract)}
-    require_memory(sum(math.prod(s) for s in shapes.values()) * target.itemsize,
-                   f"loading the {cfg.num_hidden_layers}-layer model in {path} as {dtype}")
-    if orbax:
-        arrays = _read_orbax(path, shapes, target, verify, allow_non_finite)
+    shapes, dtypes = quantized_layout(float_shapes, {p: target for p in float_shapes}, mode)
+    require_memory(sum(math.prod(s) * dtypes[p].itemsize for p, s in shapes.items()),
+                   f"loading the {cfg.num_hidden_layers}-layer model in {path} as {dtype}"
+                   + (f" with {mode} weights" if mode else ""))
+    if stored_mode is not None:
+        arrays = _read_orbax(path, shapes, dtypes, verify, allow_non_finite)
+    elif orbax:
+        arrays = _read_orbax(path, float_shapes, {p: target for p in float_shapes}, verify,
+                             allow_non_finite, quantize)
     else:
-        plan = HFPlan(path, cfg, target)
-        arrays = {p: np.empty(shape, target) for p, shape in plan.shapes.items()}
+        exact = {p: np.dtype(np.float32) for p, s in float_shapes.items() if quant.stored_param(p, s, mode)}
+        plan = HFPlan(path, cfg, target, exact)
+        blocks = {p: np.empty(shape, plan.dtypes[p]) for p, shape in plan.shapes.items()}
         for entry, block in plan.blocks(allow_non_finite=allow_non_finite):
-            arrays[entry.path][entry.index] = block
+            blocks[entry.path][entry.index] = block
+        arrays = {}
+        for p in plan.shapes:
+            arrays.update(_as_loaded(p, blocks.pop(p), target, mode))
     state = nnx.from_flat_state(
         [(p, v.replace(jnp.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
     )
@@ -571,10 +634,22 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", verify: bool 
     return model
 
 
-def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtype: np.dtype, verify: bool,
-                allow_non_finite: bool) -> dict[ParamPath, jax.Array]:
-    """{path: param on the default device, cast to `dtype`} of our checkpoint `ckpt`, read one
-    param at a time and checked (in its stored dtype) against checksums.json when `verify`
+def _as_loaded(path: ParamPath, array: np.ndarray, dtype: np.dtype,
+               mode: str | None) -> dict[ParamPath, jax.Array]:
+    """A param of a float checkpoint as loaded: {its values path: values, its scales path:
+    scales} when it is a weight quantized in `mode`, else {path: array cast to `dtype`}."""
+    stored = quant.stored_param(path, array.shape, mode)
+    if stored is None:
+        return {path: jnp.asarray(array.astype(dtype, copy=False))}
+    values, scale = quant.quantize_array(array, stored.contracted, mode)
+    return {stored.weight: values, stored.scale: scale}
+
+
+def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtypes: dict[ParamPath, np.dtype],
+                verify: bool, allow_non_finite: bool, quantize: str | None = None) -> dict[ParamPath, jax.Array]:
+    """{path: param on the default device} of our checkpoint `ckpt` (its params `shapes`), each
+    cast to `dtypes[path]` or, for the weights `quantize` names, quantized (`_as_loaded`); read
+    one param at a time and checked (in its stored dtype) against checksums.json when `verify`
     and for NaN / Inf unless `allow_non_finite`."""
     reader = OrbaxReader(ckpt / STATE_DIR)
     reader.check(shapes)
@@ -585,14 +660,15 @@ def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtype: np.
         if verify:
             verify_tensor(param_name(path), stored, checksums, ckpt)
         check_finite(stored, param_name(path), ckpt, allow_non_finite)
-        arrays[path] = jnp.asarray(stored.astype(dtype, copy=False))
+        arrays.update(_as_loaded(path, stored, dtypes[path], quantize))
     return arrays
 
 
 def save_model(model: MiniMaxForCausalLM, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Save a live model as a checkpoint that `load_model` reads (Orbax params, config.json, the
-    tokenizer's file, checksums.json, the completion marker written last). An existing
-    checkpoint at `path` is replaced only once the new one is complete. Returns the path."""
+    tokenizer's file, checksums.json, quantization.json for a quantized model, the completion
+    marker written last). An existing checkpoint at `path` is replaced only once the new one is
+    complete. Returns the path."""
     out = Path(path).absolute()
     staging = out.parent / f"{out.name}.new"
     if staging.exists():
@@ -605,6 +681,8 @@ def save_model(model: MiniMaxForCausalLM, path: str | os.PathLike, *, tokenizer=
                               for p, v in nnx.to_flat_state(state)})
         checkpointer.wait_until_finished()
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+        if (mode := quant.quantization_mode(model)) is not None:
+            write_quantization(tmp, mode)
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": "save_model"}))

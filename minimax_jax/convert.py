@@ -1,6 +1,6 @@
 """Convert MiniMax-01 weights between HF safetensors and our Orbax checkpoints, streaming.
 
-    python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16] [--allow-non-finite]
+    python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16] [--quantize int8|fp8] [--allow-non-finite]
     python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2] [--no-verify]
 
 Both directions go through the one table of `hf_names` and hold one tensor at a time. Memory
@@ -11,6 +11,10 @@ MiniMax-Text-01 in bfloat16 the largest tensor is embed_tokens / lm_head, 2.3 Gi
 renamed into place at the end, so an interrupted conversion leaves nothing that loads. Our
 checkpoints record a crc32 per written block (`checksums.json`), which the export and
 `load_model` check; NaN / Inf weights are refused in both directions unless allowed.
+`--quantize` stores the expert and attention projections as int8 / fp8 values with float32
+scales per output channel (`quant`; separate params, each with its checksums), quantized block by
+block from the HF tensors' own values; `load_model` reads such a checkpoint back quantized, and
+the export refuses it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from minimax_jax import quant
 from minimax_jax.checkpoint import (
     INDEX_FILE, MARKER, STATE_DIR, CheckpointError, ChecksumVerifier, HFPlan, OrbaxReader, OrbaxWriter,
     atomic_directory, check_finite, copy_aux_files, param_name, param_shapes, parse_dtype,
-    read_checksums, write_checksums, write_safetensors,
+    quantized_layout, read_checksums, read_quantization, write_checksums, write_quantization,
+    write_safetensors,
 )
 from minimax_jax.config import ConfigError, MiniMaxConfig
 from minimax_jax.hf_names import REMOTE, Entry, ParamPath, expected_entries
@@ -40,28 +46,46 @@ def _log(message: str) -> None:
 
 
 def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None,
-                progress: bool = True, allow_non_finite: bool = False) -> Path:
+                quantize: str | None = None, progress: bool = True,
+                allow_non_finite: bool = False) -> Path:
     """Convert an HF directory (either layout, sharded or not) to our Orbax checkpoint at `out`.
 
-    dtype: "float32" | "bfloat16" | "float16", or None to keep each tensor's dtype. Copies the
+    dtype: "float32" | "bfloat16" | "float16", or None to keep each tensor's dtype. quantize:
+    "int8" | "fp8" stores the expert and attention projections quantized (values + float32
+    scales, see `quant`; the other params in `dtype`) and writes `quantization.json`. Copies the
     tokenizer files; writes `config.json` from the parsed config and `checksums.json` (crc32 of
     every written block). A tensor with NaN / Inf is an error unless `allow_non_finite`.
     Returns `out`.
     """
     hf_dir, target = Path(hf_dir), parse_dtype(dtype)
+    quant.check_mode(quantize)
     if not hf_dir.is_dir():
         problem = "is not a directory" if hf_dir.exists() else "does not exist"
         raise CheckpointError(f"HF directory {hf_dir} {problem} (expected config.json and *.safetensors in one)")
     cfg = MiniMaxConfig.from_hf_config(hf_dir)
-    plan = HFPlan(hf_dir, cfg, target)
+    quantized = {p: quant.stored_param(p, s, quantize) for p, s in param_shapes(cfg).items()}
+    plan = HFPlan(hf_dir, cfg, target, {p: np.dtype(np.float32) for p, q in quantized.items() if q})
     n_index = {e.path: len(e.index) for es in plan.entries.values() for e in es}
+    shapes, dtypes = quantized_layout(plan.shapes, plan.dtypes, quantize)
+    for path, q in quantized.items():
+        if q is not None:
+            n_index[q.weight] = n_index[q.scale] = n_index.pop(path)
     _log(f"converting {len(plan.entries)} tensors ({plan.layout} layout, "
-         f"{len(set(plan.reader.file.values()))} file(s)) from {hf_dir} to {out}")
+         f"{len(set(plan.reader.file.values()))} file(s)) from {hf_dir} to {out}"
+         + (f", projections quantized to {quantize}" if quantize else ""))
     with atomic_directory(Path(out)) as tmp:
-        writer = OrbaxWriter(tmp / STATE_DIR, plan.shapes, plan.dtypes, n_index)
+        writer = OrbaxWriter(tmp / STATE_DIR, shapes, dtypes, n_index)
         for entry, block in plan.blocks(progress, allow_non_finite):
-            writer.write(entry.path, entry.index, block)
+            q = quantized[entry.path]
+            if q is None:
+                writer.write(entry.path, entry.index, block)
+            else:
+                values, scale = quant.quantize_array(block, q.contracted, quantize)
+                writer.write(q.weight, entry.index, np.asarray(values))
+                writer.write(q.scale, entry.index, np.asarray(scale))
         write_checksums(tmp, writer.finish())
+        if quantize is not None:
+            write_quantization(tmp, quantize)
         stored = cfg.replace(param_dtype=plan.dtypes[("embed_tokens",)].name)
         (tmp / "config.json").write_text(json.dumps(stored.to_hf_config(), indent=2))
         copied = copy_aux_files(hf_dir, tmp)
@@ -91,6 +115,9 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     ckpt, target = Path(ckpt), parse_dtype(dtype)
     if not (ckpt / MARKER).is_file():
         raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {MARKER})")
+    if (mode := read_quantization(ckpt)) is not None:
+        raise CheckpointError(f"{ckpt}: holds {mode}-quantized weights ({quant.QUANTIZATION_FILE}); "
+                              f"export an unquantized checkpoint instead")
     cfg = MiniMaxConfig.from_hf_config(ckpt)
     reader = OrbaxReader(ckpt / STATE_DIR)
     entries: list[Entry] = [es[0] for _, es in sorted(expected_entries(cfg, REMOTE).items(),
@@ -157,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", help="our Orbax checkpoint directory to export (with --to-hf)")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
+    parser.add_argument("--quantize", choices=quant.MODES,
+                        help="store the expert and attention projections as int8 / fp8 with float32 "
+                             "per-channel scales (not with --to-hf)")
     parser.add_argument("--max-shard-gib", type=float, default=2.0, help="HF shard size bound (with --to-hf)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-verify", action="store_true", help="do not check --ckpt against its checksums.json")
@@ -167,14 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.to_hf:
             if not args.ckpt:
                 raise CheckpointError("--to-hf needs --ckpt CKPT")
+            if args.quantize:
+                raise CheckpointError("--quantize applies to the conversion from HF, not to --to-hf")
             orbax_to_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
                         max_shard_bytes=int(args.max_shard_gib * (1 << 30)), verify=not args.no_verify,
                         allow_non_finite=args.allow_non_finite)
         else:
             if not args.hf_dir:
                 raise CheckpointError("give --hf-dir HF (or --to-hf --ckpt CKPT)")
-            hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, progress=not args.no_progress,
-                        allow_non_finite=args.allow_non_finite)
+            hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, quantize=args.quantize,
+                        progress=not args.no_progress, allow_non_finite=args.allow_non_finite)
     except (CheckpointError, ConfigError, OSError) as e:
         if args.debug:
             raise

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from minimax_jax import quant
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.layout import TokenLayout
 from minimax_jax.params import param
@@ -15,7 +16,8 @@ from minimax_jax.norm import RMSNorm
 
 class LightningAttention(nnx.Module):
     """qkv_proj (per-head [q|k|v]) -> SiLU -> decayed linear attention -> RMSNorm over all heads
-    (eps 1e-6) -> times sigmoid(output_gate(x)) -> out_proj. No biases, no 1/sqrt(d) scaling."""
+    (eps 1e-6) -> times sigmoid(output_gate(x)) -> out_proj. No biases, no 1/sqrt(d) scaling.
+    The projections are params, or `quant.QuantizedWeight`s once quantized."""
 
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
         d, h, k = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
@@ -36,7 +38,7 @@ class LightningAttention(nnx.Module):
         Returns (out `[B, T, D]` in the compute dtype, new state float32 `[B, H, K, K]`).
         """
         x = x.astype(self.dtype)
-        qkv = jnp.einsum("btd,dhjk->bthjk", x, self.qkv_proj[...].astype(self.dtype))
+        qkv = quant.einsum("btd,dhjk->bthjk", x, self.qkv_proj)
         qkv = jax.nn.silu(qkv)
         if layout.valid is not None:
             qkv = qkv * layout.valid.astype(qkv.dtype)[:, :, None, None, None]
@@ -45,6 +47,6 @@ class LightningAttention(nnx.Module):
             q, k, v, slopes, initial_state=state, segment_ids=layout.segment_ids, impl=self.impl,
             zigzag=layout.zigzag)
         o = self.norm(o.astype(self.dtype))
-        gate = jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.output_gate[...].astype(self.dtype)))
-        out = jnp.einsum("bthk,hkd->btd", o * gate, self.out_proj[...].astype(self.dtype))
+        gate = jax.nn.sigmoid(quant.einsum("btd,dhk->bthk", x, self.output_gate))
+        out = quant.einsum("bthk,hkd->btd", o * gate, self.out_proj)
         return out, state

@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minimax_jax import quant
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.params import param
 from pallas_kernels import grouped_matmul
+from pallas_kernels.grouped_matmul import Weights
 from sharding.experts import expert_shards, experts_parallel
 from sharding.tokens import constrain_tokens, map_token_shards
 
@@ -97,20 +99,22 @@ def _gather_rows_bwd(fan_out, residuals, g):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array,
-               w2: jax.Array, impl: str = "auto") -> jax.Array:
+def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: Weights, w3: Weights,
+               w2: Weights, impl: str = "auto") -> jax.Array:
     """SwiGLU experts on rows sorted by expert: W2(SiLU(W1 x) * W3 x).
 
     x `[M, D]` (rows of expert e contiguous, in expert order), group_sizes int32 `[E]` summing to M,
-    w1/w3 `[E, D, F]`, w2 `[E, F, D]`; w1 and w3 run as one grouped matmul. `impl` as in
-    `pallas_kernels.grouped_matmul`. Returns `[M, D]` in x's dtype.
+    w1/w3 `[E, D, F]`, w2 `[E, F, D]` (arrays in x's dtype, or int8 / fp8 `QuantizedWeights`);
+    w1 and w3 run as one grouped matmul. `impl` as in `pallas_kernels.grouped_matmul`. Returns
+    `[M, D]` in x's dtype.
     """
     h1, h3 = jnp.split(grouped_matmul(x, (w1, w3), group_sizes, impl=impl), 2, axis=1)
     return grouped_matmul(jax.nn.silu(h1) * h3, w2, group_sizes, impl=impl)
 
 
 class SparseMoE(nnx.Module):
-    """`block_sparse_moe`: router `gate` `[D, E]` and experts `w1`, `w3` `[E, D, F]`, `w2` `[E, F, D]`."""
+    """`block_sparse_moe`: router `gate` `[D, E]` and experts `w1`, `w3` `[E, D, F]`, `w2` `[E, F, D]`
+    (params, or `quant.QuantizedWeight`s once quantized; the router never is)."""
 
     def __init__(self, cfg: MiniMaxConfig, *, rngs: nnx.Rngs):
         d, e, f = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
@@ -130,7 +134,7 @@ class SparseMoE(nnx.Module):
         logits = jnp.einsum("btd,de->bte", x, self.gate[...].astype(self.dtype))
         probs, weights, experts = route(constrain_tokens(logits), self.top_k)
         stats = router_stats(probs, experts, mask)
-        ws = tuple(w[...].astype(self.dtype) for w in (self.w1, self.w3, self.w2))
+        ws = tuple(quant.expert_operand(w, self.dtype) for w in (self.w1, self.w3, self.w2))
         if expert_shards() > 1:
             ffn = functools.partial(_experts_by_id, impl=self.impl)
             return experts_parallel(x, weights, experts, *ws, ffn), stats
@@ -138,7 +142,7 @@ class SparseMoE(nnx.Module):
         return map_token_shards(local, (x, weights, experts), ws), stats
 
 
-def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *,
+def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: Weights, w3: Weights, w2: Weights, *,
                    impl: str) -> jax.Array:
     """SwiGLU expert ids[m] of (w1, w3, w2) `[E, ...]` on row m of rows `[M, D]`; id E marks an
     empty row (its output is 0). Returns `[M, D]`."""
@@ -148,8 +152,8 @@ def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: jax.Array, w3: jax.Array
     return jnp.where(empty[:, None], 0, gather_rows(y, inverse, order, 1))
 
 
-def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array,
-                       w3: jax.Array, w2: jax.Array, *, num_experts: int, impl: str) -> jax.Array:
+def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: Weights,
+                       w3: Weights, w2: Weights, *, num_experts: int, impl: str) -> jax.Array:
     """`combine_experts` over tokens x `[B, T, D]` routed to experts `[B, T, k]` with weights
     `[B, T, k]`; more than TOKEN_CHUNK tokens go a chunk at a time, each chunk recomputed in the
     backward pass (the experts' activations of one chunk are alive at a time). Returns `[B, T, D]`."""
@@ -168,10 +172,10 @@ def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1:
 
 
 def combine_experts(xf: jax.Array, weights: jax.Array, experts: jax.Array,
-                    ws: tuple[jax.Array, jax.Array, jax.Array], num_experts: int,
+                    ws: tuple[Weights, Weights, Weights], num_experts: int,
                     impl: str) -> jax.Array:
     """The experts' weighted sum for tokens xf `[N, D]` routed to experts int32 `[N, k]` with
-    weights float32 `[N, k]`; ws = (w1, w3, w2) in the compute dtype. Returns `[N, D]` in xf's
+    weights float32 `[N, k]`; ws = (w1, w3, w2) in the compute dtype (or `QuantizedWeights`). Returns `[N, D]` in xf's
     dtype (a token of weight 0 adds nothing)."""
     n, d = xf.shape
     k = experts.shape[1]

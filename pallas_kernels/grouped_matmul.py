@@ -5,10 +5,17 @@ multiplied by ``w[g]``. Implementations: "xla" (``jax.lax.ragged_dot``, everywhe
 "pallas" (Mosaic GPU kernels for Hopper with a ``custom_vjp``: forward, d_x and d_w kernels; calls
 the kernels do not support fall back to "xla") and "auto" ("pallas" on the device kinds in
 ``VERIFIED_DEVICES``, else "xla").
+
+Quantized weights (``QuantizedWeights``: int8 / fp8 values with a float32 scale per group and
+output column) always take the XLA form, whatever ``impl`` says: ``ragged_dot`` on the values
+upcast to x's dtype with float32 accumulation, each output row then scaled by its group's scale.
+The Mosaic GPU kernels stage both operands through shared memory in x's 16-bit dtype for wgmma
+and have no form that converts the weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -35,6 +42,21 @@ MIN_ROWS = 128  # the tallest tile (block_m, or block_k of the d_w kernel) in th
 # Device kinds on which the GPU check of benchmarks/moe.py passed: "auto" takes the kernels only
 # there, "pallas" on any Hopper GPU.
 VERIFIED_DEVICES: tuple[str, ...] = ("NVIDIA H200", "NVIDIA H100 80GB HBM3")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeights:
+    """Grouped weights ``w[g] = values[g] * scale[g]``: values ``[G, K, N]`` (int8 or
+    float8_e4m3fn), scale float32 ``[G, N]`` (per group and output column)."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weights' shape ``[G, K, N]`` (that of ``values``)."""
+        return self.values.shape
 
 
 def pick_tiles(kernel: str, k: int, n: int) -> Tiles | None:
@@ -107,19 +129,36 @@ def grouped_matmul_pallas(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: 
     return _pallas(x, ws, group_sizes.astype(jnp.int32), interpret)[:m]
 
 
-def _xla(x: jax.Array, ws: tuple[jax.Array, ...], group_sizes: jax.Array) -> jax.Array:
-    outs = [jax.lax.ragged_dot(x, w, group_sizes) for w in ws]
+def row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
+    """int32 ``[m]``: the group of each row (rows past ``sum(group_sizes)`` get the last group)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    rows = jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right")
+    return jnp.minimum(rows, group_sizes.shape[0] - 1).astype(jnp.int32)
+
+
+def _xla(x: jax.Array, ws: tuple[jax.Array | QuantizedWeights, ...], group_sizes: jax.Array) -> jax.Array:
+    if isinstance(ws[0], QuantizedWeights):
+        groups = row_groups(group_sizes, x.shape[0])
+        outs = [(jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes,
+                                    preferred_element_type=jnp.float32) * w.scale[groups]).astype(x.dtype)
+                for w in ws]
+    else:
+        outs = [jax.lax.ragged_dot(x, w, group_sizes) for w in ws]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], group_sizes: jax.Array, *,
+Weights = jax.Array | QuantizedWeights
+
+
+def grouped_matmul(x: jax.Array, w: Weights | Sequence[Weights], group_sizes: jax.Array, *,
                    impl: str = "auto") -> jax.Array:
     """Rows of x grouped by expert times that expert's weights.
 
     Args:
       x: ``[M, K]``; group g owns rows ``[sum(group_sizes[:g]), sum(group_sizes[:g + 1]))``.
       w: ``[G, K, N]``, or a sequence of such weights of equal shape (e.g. w1 and w3), computed
-        in one launch with their outputs side by side.
+        in one launch with their outputs side by side. Either all arrays or all
+        ``QuantizedWeights`` (which take the XLA form, see the module docstring).
       group_sizes: int ``[G]``, non-negative, sum at most M (empty groups allowed).
       impl: one of ``IMPLS``.
 
@@ -130,10 +169,18 @@ def grouped_matmul(x: jax.Array, w: jax.Array | Sequence[jax.Array], group_sizes
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
     ws = tuple(w) if isinstance(w, Sequence) else (w,)
-    if x.ndim != 2 or any(v.ndim != 3 or v.shape != ws[0].shape for v in ws):
+    quantized = [isinstance(v, QuantizedWeights) for v in ws]
+    if any(quantized) and not all(quantized):
+        raise ValueError("weights must be all arrays or all QuantizedWeights")
+    if x.ndim != 2 or any(len(v.shape) != 3 or v.shape != ws[0].shape for v in ws):
         raise ValueError(f"x {x.shape} must be [M, K] and w {[v.shape for v in ws]} equal [G, K, N]")
     if ws[0].shape[1] != x.shape[1] or group_sizes.shape != (ws[0].shape[0],):
         raise ValueError(f"x {x.shape}, w {ws[0].shape}, group_sizes {group_sizes.shape} disagree")
+    if any(quantized):
+        g, _, n = ws[0].shape
+        if any(v.scale.shape != (g, n) for v in ws):
+            raise ValueError(f"scales {[v.scale.shape for v in ws]} must be [G, N] = {[g, n]}")
+        return _xla(x, ws, group_sizes)
     verified = impl == "pallas" or jax.devices()[0].device_kind in VERIFIED_DEVICES
     if impl != "xla" and verified and supports(x, ws):
         return grouped_matmul_pallas(x, ws, group_sizes)

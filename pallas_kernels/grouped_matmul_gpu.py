@@ -19,6 +19,8 @@ accumulate the upper and lower halves of a ``block_m x block_n`` tile in registe
 rows high and ``block_n`` wide) and store them, so one tile's epilogue overlaps the next tile's
 loads. bf16/f16 operands, float32 accumulation; also runs on the CPU in Pallas' GPU interpret
 mode (any float dtype there).
+Quantized (int8 / fp8) weights are not handled here: both operands are staged in one 16-bit
+dtype for wgmma, and ``grouped_matmul`` sends ``QuantizedWeights`` to its XLA form instead.
 
 The row schedule of ``ragged_matmul`` (tiles per group, the straddling tiles, the ladder of row
 stores) follows JAX's ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` (Apache License 2.0).

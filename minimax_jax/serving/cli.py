@@ -2,7 +2,7 @@
 
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
                     [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--page-size 16]
-                    [--kv-pages N] [--dtype float32] [--model-name NAME]
+                    [--kv-pages N] [--dtype float32] [--quantize int8|fp8] [--model-name NAME]
                     [--decode-steps 8] [--prefix-cache-slots 32] [--no-prefix-cache] [--debug]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="K/V pages shared by all slots; a request waits until its prompt + "
                         "max_tokens fit (default: every slot at full context)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", default=None, choices=("int8", "fp8"),
+                   help="int8 / fp8 expert and attention projections (per-channel scales); "
+                        "a quantized checkpoint loads quantized without it")
     p.add_argument("--decode-steps", type=int, default=8,
                    help="tokens per slot per decode dispatch, generated on the device; a waiting "
                         "request joins between dispatches (1: one token per dispatch)")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from minimax_jax.tokenizer import load_tokenizer
 
     try:
-        model = load_model(args.checkpoint, dtype=args.dtype)
+        model = load_model(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
         tokenizer = load_tokenizer(args.checkpoint)
         served = build(model, tokenizer, model_name=args.model_name or args.checkpoint.resolve().name,
                        checkpoint_dir=args.checkpoint, max_batch=args.max_batch,
