@@ -5,7 +5,9 @@ Tokens are flattened to N = B*T, padded with weight-0 tokens to a multiple of th
 scanned `block` tokens at a time. A `jax.custom_vjp` keeps the backward pass O(block * V) as well:
 the forward saves only the per-token log-sum-exp and NLL (float32 `[N]` each) besides its inputs,
 and the backward recomputes each block's logits and softmax, returns d_h per block and accumulates
-d_lm_head in a float32 `[D, V]` carry.
+d_lm_head in a float32 `[D, V]` carry. Under a mesh that splits the tokens (`sharding.tokens`)
+every device runs this over its own tokens (the lm_head whole on each, its gradient summed), and
+the per-device sums are added: no device holds another's hidden states.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from sharding.tokens import spec_axes, token_spec
 
 
 def _block_layout(n: int, block_size: int) -> tuple[int, int]:
@@ -113,6 +118,20 @@ def chunked_cross_entropy(h: jax.Array, lm_head: jax.Array, targets: jax.Array, 
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
 
+    spec = token_spec(*h.shape[:2])
+    if spec is None:
+        return _local_cross_entropy(h, lm_head, targets, weights, block_size)
+    axes = tuple(sorted(spec_axes(spec)))
+    run = jax.shard_map(
+        lambda h, lm_head, targets, weights: _local_cross_entropy(h, lm_head, targets, weights,
+                                                                  block_size)[None],
+        in_specs=(spec, P(), spec, spec), out_specs=P(axes), axis_names=set(axes), check_vma=False)
+    return jnp.sum(run(h, lm_head, targets, weights))
+
+
+def _local_cross_entropy(h: jax.Array, lm_head: jax.Array, targets: jax.Array, weights: jax.Array,
+                         block_size: int) -> jax.Array:
+    """`chunked_cross_entropy` over the tokens at hand (arguments checked)."""
     b, t, d = h.shape
     n = b * t
     if n == 0:

@@ -119,6 +119,38 @@ def softmax() -> dict:
     return out
 
 
+def loss() -> dict:
+    """The chunked cross-entropy on sequence meshes against one device: its value and the
+    gradients of h, lm_head and the weights, float32 (blocks of 16 tokens, so a device's block
+    never spans two devices' tokens)."""
+    from minimax_jax.loss import chunked_cross_entropy
+
+    rng = np.random.default_rng(3)
+    b, t, d, v = 2, 128, 64, 96
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    lm_head = jnp.asarray(rng.standard_normal((d, v)) * 0.2, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(rng.random((b, t)) < 0.8, jnp.float32)
+
+    def f(h, lm_head, weights):
+        return chunked_cross_entropy(h, lm_head, targets, weights, block_size=16)
+
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    value1, g1 = step(h, lm_head, weights)
+    out = {}
+    for shape in MESHES:
+        mesh = make_mesh(shape)
+        tokens = NamedSharding(mesh, P(None, "sequence"))
+        args = (jax.device_put(h, tokens), lm_head, jax.device_put(weights, tokens))
+        with jax.set_mesh(mesh):
+            value, g = step(*args)
+            hlo = step.lower(*args).compile().as_text()
+        out[mesh_name(shape)] = {"value": rel(value, value1),
+                                 "grads": max(rel(a, c) for a, c in zip(g, g1)),
+                                 "all_gathers": all_gathers(hlo)}
+    return out
+
+
 def model(meshes=MESHES, b: int = 2) -> dict:
     """The tiny model (tests/conftest.py's, float32) on `meshes` against one device: the logits
     and the parameters' gradients of a loss over them (parameters placed by the sharding rules);
@@ -184,5 +216,6 @@ def indivisible() -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    print(json.dumps({"lightning": lightning, "softmax": softmax, "model": model, "experts": experts,
+    print(json.dumps({"lightning": lightning, "softmax": softmax, "loss": loss, "model": model,
+                      "experts": experts,
                       "indivisible": indivisible}[sys.argv[1]]()))

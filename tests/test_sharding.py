@@ -69,6 +69,21 @@ def test_ring_attention_equals_one_device(softmax, mesh):
 
 
 @pytest.fixture(scope="module")
+def loss():
+    return run_worker("loss")
+
+
+@pytest.mark.parametrize("mesh", ["sequence8", "data2xsequence4"])
+def test_chunked_loss_over_the_sequence_axis_stays_on_each_devices_tokens(loss, mesh):
+    """The chunked cross-entropy on a sequence mesh: value and gradients equal one device's, and
+    it gathers nothing (each device scores its own tokens; a block scan over the whole row
+    would gather the hidden states `[B, T, D]`)."""
+    result = loss[mesh]
+    assert result["value"] < RTOL and result["grads"] < RTOL, result
+    assert result["all_gathers"] == [], result
+
+
+@pytest.fixture(scope="module")
 def model():
     return run_worker("model")
 
