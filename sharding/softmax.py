@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.softmax_xla import attention_grads, attention_with_lse
 from sharding.tokens import SEQUENCE, sequence_shards, spec_axes, token_spec, zigzag_chunk

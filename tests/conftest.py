@@ -1,8 +1,10 @@
-"""Shared test helpers: tiny configs and per-test fixed random seeds."""
+"""Shared test helpers: tiny configs, per-test fixed random seeds and a live server."""
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -40,3 +42,20 @@ def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     seed = node_seed(request)
     print(f"numpy seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def live_server(model, tokenizer, **build_args) -> Iterator:
+    """`serving.server.build(model, tokenizer, **build_args)` served over HTTP on a free local
+    port (its `url` set) for the duration of the block; stopped and closed after."""
+    from minimax_jax.serving.server import BackgroundServer, build
+
+    s = build(model, tokenizer, **build_args)
+    server = BackgroundServer(s.app)
+    s.url = server.url
+    try:
+        yield s
+    finally:
+        server.stop()
+        s.close()
+    assert not server.thread.is_alive()

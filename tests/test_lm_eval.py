@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.serving.engine import SamplingParams
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.tokenizer import ByteTokenizer
 
 MODEL = "tiny-test"
@@ -58,12 +58,9 @@ def model() -> MiniMaxForCausalLM:
 
 @pytest.fixture(scope="module")
 def served(model):
-    s = build(model, ByteTokenizer(), model_name=MODEL, max_batch=4, max_context=128, prefill_chunk=32)
-    server = BackgroundServer(s.app)
-    s.url = server.url
-    yield s
-    server.stop()
-    s.close()
+    with live_server(model, ByteTokenizer(), model_name=MODEL, max_batch=4, max_context=128,
+                     prefill_chunk=32) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

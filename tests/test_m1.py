@@ -17,12 +17,12 @@ import yaml
 from flax import nnx
 from scripted import ScriptedOutput
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.checkpoint import load_model, save_model
 from minimax_jax.config import M1, ConfigError
 from minimax_jax.convert import hf_to_orbax, orbax_to_hf
 from minimax_jax.serving.chat import ChatTemplate
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.serving.tools import M1_FORMAT
 from minimax_jax.tokenizer import BOS, EOS, ByteTokenizer
 
@@ -105,14 +105,10 @@ def test_m1_prompt_format():
 
 @pytest.fixture(scope="module")
 def served():
-    s = build(MiniMaxForCausalLM(tiny_m1(), rngs=nnx.Rngs(0)), TOK, model_name=MODEL, max_batch=2,
-              max_context=1024, prefill_chunk=64)
-    s.script = ScriptedOutput(s.engine, TOK)
-    server = BackgroundServer(s.app)
-    s.url = server.url
-    yield s
-    server.stop()
-    s.close()
+    with live_server(MiniMaxForCausalLM(tiny_m1(), rngs=nnx.Rngs(0)), TOK, model_name=MODEL,
+                     max_batch=2, max_context=1024, prefill_chunk=64) as s:
+        s.script = ScriptedOutput(s.engine, TOK)
+        yield s
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import openai
 import pytest
 from flax import nnx
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.serving.chat import ChatTemplate, default_chat_prompt
 from minimax_jax.serving.engine import SamplingParams
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.tokenizer import ByteTokenizer
 
 MODEL, CONTEXT = "tiny-test", 128
@@ -31,13 +31,9 @@ class NoEosTokenizer(ByteTokenizer):
 @pytest.fixture(scope="module")
 def served():
     model = MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
-    s = build(model, NoEosTokenizer(), model_name=MODEL, max_batch=8, max_context=CONTEXT, prefill_chunk=16)
-    server = BackgroundServer(s.app)
-    s.url = server.url
-    yield s
-    server.stop()
-    s.close()
-    assert not server.thread.is_alive()
+    with live_server(model, NoEosTokenizer(), model_name=MODEL, max_batch=8, max_context=CONTEXT,
+                     prefill_chunk=16) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.tokenizer import ByteTokenizer
 
 EXAMPLES_PER_OPERATION = 30
@@ -28,12 +28,9 @@ SERVED: collections.Counter[str] = collections.Counter()  # 200s per operation
 @pytest.fixture(scope="module")
 def live():
     model = MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
-    served = build(model, ByteTokenizer(), model_name=MODEL, max_batch=8, max_context=256,
-                   prefill_chunk=16)
-    server = BackgroundServer(served.app)
-    yield server
-    server.stop()
-    served.close()
+    with live_server(model, ByteTokenizer(), model_name=MODEL, max_batch=8, max_context=256,
+                     prefill_chunk=16) as served:
+        yield served
 
 
 def operations(url: str) -> list[schemathesis.APIOperation]:

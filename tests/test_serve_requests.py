@@ -15,13 +15,13 @@ import openai
 import pytest
 from flax import nnx
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.serving import sampling
 from minimax_jax.serving.chat import default_chat_prompt
 from minimax_jax.serving.engine import SamplingParams, prefill_buckets
 from minimax_jax.serving.sampling import (NEG, SamplingBatch, SamplingRow, SlotState, process_logits,
                                           score_positions)
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.tokenizer import ByteTokenizer
 
 MODEL, CONTEXT, CHUNK = "tiny-test", 128, 32
@@ -37,12 +37,9 @@ def model() -> MiniMaxForCausalLM:
 
 @pytest.fixture(scope="module")
 def served(model):
-    s = build(model, ByteTokenizer(), model_name=MODEL, max_batch=4, max_context=CONTEXT, prefill_chunk=CHUNK)
-    server = BackgroundServer(s.app)
-    s.url = server.url
-    yield s
-    server.stop()
-    s.close()
+    with live_server(model, ByteTokenizer(), model_name=MODEL, max_batch=4, max_context=CONTEXT,
+                     prefill_chunk=CHUNK) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import pytest
 from flax import nnx
 from scripted import ScriptedOutput
 
+from conftest import live_server
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM
 from minimax_jax.serving.chat import ChatTemplate
-from minimax_jax.serving.server import BackgroundServer, build
 from minimax_jax.serving.tools import TEXT_01_FORMAT, ChatDelta
 from minimax_jax.tokenizer import BOS, EOS, ByteTokenizer
 
@@ -51,13 +51,10 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PER
 @pytest.fixture(scope="module")
 def served():
     model = MiniMaxForCausalLM(MiniMaxConfig.from_yaml("configs/tiny.yaml"), rngs=nnx.Rngs(0))
-    s = build(model, TOK, model_name=MODEL, max_batch=2, max_context=1024, prefill_chunk=64)
-    s.script = ScriptedOutput(s.engine, TOK)
-    server = BackgroundServer(s.app)
-    s.url = server.url
-    yield s
-    server.stop()
-    s.close()
+    with live_server(model, TOK, model_name=MODEL, max_batch=2, max_context=1024,
+                     prefill_chunk=64) as s:
+        s.script = ScriptedOutput(s.engine, TOK)
+        yield s
 
 
 @pytest.fixture
