@@ -59,3 +59,19 @@ def live_server(model, tokenizer, **build_args) -> Iterator:
         server.stop()
         s.close()
     assert not server.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """An OpenAI client of the module's `served` live server (no retries, 120 s timeout)."""
+    import openai
+
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def script(served):
+    """The module's `served.script` (a `scripted.ScriptedOutput`), reset to free generation after
+    each test."""
+    yield served.script
+    served.script.set(None)

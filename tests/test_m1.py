@@ -11,7 +11,6 @@ import json
 import jax.numpy as jnp
 import jsonschema_rs
 import numpy as np
-import openai
 import pytest
 import yaml
 from flax import nnx
@@ -111,15 +110,6 @@ def served():
         yield s
 
 
-@pytest.fixture
-def script(served):
-    yield served.script
-    served.script.set(None)
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 THOUGHT = "<think>\nTwo and two <tool_calls> is not a call here.\n</think>\n\n"

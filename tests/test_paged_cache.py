@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from conftest import tiny_config
 from minimax_jax.cache import (NO_PAGE, drop_writes, init_cache, keep_rows, put_rows, reset_rows,

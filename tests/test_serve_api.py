@@ -36,10 +36,6 @@ def served():
         yield s
 
 
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
 
 def greedy_text(served, prompt: list[int], max_tokens: int) -> str:
     return served.engine.generate(prompt, SamplingParams(max_tokens, 0.0)).text

@@ -3,7 +3,6 @@ exactly like `generate`."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -11,7 +11,6 @@ import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import openai
 import pytest
 from flax import nnx
 
@@ -41,10 +40,6 @@ def served(model):
                      prefill_chunk=CHUNK) as s:
         yield s
 
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

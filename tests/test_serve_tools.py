@@ -14,7 +14,6 @@ import json
 
 import httpx
 import jsonschema_rs
-import openai
 import pytest
 from flax import nnx
 from scripted import ScriptedOutput
@@ -57,15 +56,6 @@ def served():
         yield s
 
 
-@pytest.fixture
-def script(served):
-    yield served.script
-    served.script.set(None)
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def chat(client, **kw):
