@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.tokens import SEQUENCE, sequence_shards, spec_axes, token_spec, zigzag_chunk
+from sharding.tokens import SEQUENCE, sequence_chunks, spec_axes, token_spec, zigzag_chunk
 
 LocalOp = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -38,12 +38,7 @@ def lightning_attention_sp(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax
     segment_ids) -> (o, final_state)` is the one-device op run on each chunk. Returns (o
     `[B, T, H, D]` in q's dtype, final state float32 `[B, H, D, D]`).
     """
-    shards = sequence_shards()
-    t = q.shape[1]
-    per_shard = 2 if zigzag else 1
-    if t % (shards * per_shard):
-        raise ValueError(f"sequence length {t} is not a multiple of {shards * per_shard} (the mesh's "
-                         f"sequence axis of {shards}{', in zigzag order' if zigzag else ''})")
+    shards, per_shard = sequence_chunks(q.shape[1], zigzag)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
     tokens = token_spec(*q.shape[:2])  # the sequence, and the batch where it splits too

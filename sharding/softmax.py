@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.softmax_xla import attention_grads, attention_with_lse
-from sharding.tokens import SEQUENCE, sequence_shards, spec_axes, token_spec, zigzag_chunk
+from sharding.tokens import SEQUENCE, sequence_chunks, spec_axes, token_spec, zigzag_chunk
 
 
 def softmax_attention_ring(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -34,12 +34,7 @@ def softmax_attention_ring(q: jax.Array, k: jax.Array, v: jax.Array,
     zigzag), segment ids int `[B, T]` (both or neither); zigzag: the tokens are in
     `sharding.tokens.zigzag_order`. Returns `[B, T, H, K]` in q's dtype.
     """
-    shards = sequence_shards()
-    t = q.shape[1]
-    per_shard = 2 if zigzag else 1
-    if t % (shards * per_shard):
-        raise ValueError(f"sequence length {t} is not a multiple of {shards * per_shard} (the mesh's "
-                         f"sequence axis of {shards}{', in zigzag order' if zigzag else ''})")
+    shards, per_shard = sequence_chunks(q.shape[1], zigzag)
     if q_segment_ids is None:
         q_segment_ids = kv_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
     tokens = token_spec(*q.shape[:2])  # the sequence, and the batch where it splits too

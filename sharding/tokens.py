@@ -37,6 +37,16 @@ def sequence_shards() -> int:
     return axis_shards(SEQUENCE)
 
 
+def sequence_chunks(t: int, zigzag: bool) -> tuple[int, int]:
+    """(shards of the mesh's sequence axis, chunks per shard: 2 in zigzag order, else 1) for a
+    sequence of `t` tokens; a ValueError when t is not a multiple of their product."""
+    shards, per_shard = sequence_shards(), 2 if zigzag else 1
+    if t % (shards * per_shard):
+        raise ValueError(f"sequence length {t} is not a multiple of {shards * per_shard} (the mesh's "
+                         f"sequence axis of {shards}{', in zigzag order' if zigzag else ''})")
+    return shards, per_shard
+
+
 def token_spec(b: int, t: int) -> P | None:
     """The PartitionSpec `[B, T, ...]` token arrays get on the current mesh: batch over its
     batch axes (those that divide B together), time over `sequence` (if it divides T); None
