@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
-import numpy as np
-import pytest
+# The suite runs on the CPU; with libtpu installed (the test extra) JAX would otherwise look for
+# TPUs at start-up, in this process and in every subprocess a test starts (they inherit this).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from minimax_jax import MiniMaxConfig
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from minimax_jax import MiniMaxConfig  # noqa: E402
+from minimax_jax.serving.engine import Output, SamplingParams  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
 
@@ -75,3 +82,31 @@ def script(served):
     each test."""
     yield served.script
     served.script.set(None)
+
+
+def run_jobs(engine, jobs: list[tuple[list[int], SamplingParams]],
+             then: tuple[int, int, list[tuple[list[int], SamplingParams]]] | None = None,
+             watch: Callable[[int, Output], None] = lambda i, out: None) -> list[list[Output]]:
+    """Submit `jobs` at once and wait for all; `then` = (job i, its output n, more jobs): submit
+    the more jobs from job i's n-th output callback; `watch(job, output)` runs on every output
+    (on the engine thread). Returns every job's outputs in order."""
+    more = then[2] if then else []
+    parts: list[list[Output]] = [[] for _ in jobs + more]
+    finished = threading.Semaphore(0)
+
+    def collector(i: int):
+        def collect(out: Output) -> None:
+            parts[i].append(out)
+            watch(i, out)
+            if then and i == then[0] and len(parts[i]) == then[1]:
+                for j, (p, params) in enumerate(more):
+                    engine.submit(p, params, collector(len(jobs) + j))
+            if out.finish_reason is not None:
+                finished.release()
+        return collect
+
+    for i, (p, params) in enumerate(jobs):
+        engine.submit(p, params, collector(i))
+    for _ in parts:
+        assert finished.acquire(timeout=120), "a request did not finish"
+    return parts

@@ -7,7 +7,6 @@ the prompt."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import run_jobs
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
 from minimax_jax.serving.engine import Engine, Output, SamplingParams, merge_outputs
 from minimax_jax.tokenizer import ByteTokenizer
@@ -58,34 +58,6 @@ def engine(model):
     eng.stop()
 
 
-def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]],
-        then: tuple[int, int, list[tuple[list[int], SamplingParams]]] | None = None,
-        watch: Callable[[int, Output], None] = lambda i, out: None) -> list[list[Output]]:
-    """Submit `jobs` at once and wait for all; `then` = (job i, its output n, more jobs): submit
-    the more jobs from job i's n-th output callback; `watch(job, output)` runs on every output
-    (on the engine thread). Returns every job's outputs in order."""
-    more = then[2] if then else []
-    parts: list[list[Output]] = [[] for _ in jobs + more]
-    finished = threading.Semaphore(0)
-
-    def collector(i: int):
-        def collect(out: Output) -> None:
-            parts[i].append(out)
-            watch(i, out)
-            if then and i == then[0] and len(parts[i]) == then[1]:
-                for j, (p, params) in enumerate(more):
-                    engine.submit(p, params, collector(len(jobs) + j))
-            if out.finish_reason is not None:
-                finished.release()
-        return collect
-
-    for i, (p, params) in enumerate(jobs):
-        engine.submit(p, params, collector(i))
-    for _ in parts:
-        assert finished.acquire(timeout=120), "a request did not finish"
-    return parts
-
-
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -104,7 +76,7 @@ def test_greedy_equals_generate_alone_and_with_requests_joining_mid_generation(e
         assert out.token_ids == reference[i] and out.finish_reason == "length"
     limits = [NEW, 5, 1, 11]
     order: list[int] = []
-    parts = run(engine, [(PROMPTS[0], greedy())], then=(0, 2, [(PROMPTS[i], greedy(limits[i])) for i in (1, 2, 3)]),
+    parts = run_jobs(engine, [(PROMPTS[0], greedy())], then=(0, 2, [(PROMPTS[i], greedy(limits[i])) for i in (1, 2, 3)]),
                 watch=lambda i, out: order.append(i))
     assert [len(o.token_ids) for o in parts[0][:2]] == [1, STEPS]  # the prefill's token, then a dispatch
     assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # the others joined while it ran
@@ -147,10 +119,10 @@ def test_seeded_sampling_and_penalties_equal_one_token_per_dispatch(engine):
                                         frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2)),
             (PROMPTS[3], SamplingParams(max_tokens=NEW, temperature=1.2, seed=11, min_tokens=9,
                                         stop_token_ids=(101, 32, 116, 104), logit_bias={101: 5.0, 32: 3.0}))]
-    many = [merge_outputs(p) for p in run(engine, jobs)]
+    many = [merge_outputs(p) for p in run_jobs(engine, jobs)]
     engine.steps.decode_steps = 1  # the same engine, one token per dispatch
     try:
-        one = [merge_outputs(p) for p in run(engine, jobs)]
+        one = [merge_outputs(p) for p in run_jobs(engine, jobs)]
     finally:
         engine.steps.decode_steps = STEPS
     for a, b in zip(many, one):
@@ -197,7 +169,7 @@ def test_two_running_requests_read_the_same_cached_pages(engine, reference):
         if len(running) == 2 and not seen:
             seen.append(([r.pages for r in running], [engine.pages.refs(p) for p in running[0].pages[:3]]))
 
-    parts = run(engine, [(y, greedy()), (w, greedy())], watch=watch)
+    parts = run_jobs(engine, [(y, greedy()), (w, greedy())], watch=watch)
     assert [merge_outputs(p).token_ids for p in parts] == reference[5:7]
     (pages_y, pages_w), refs = seen[0]
     assert pages_y[:2] == pages_w[:2] and pages_y[2] != pages_w[2]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import run_jobs
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, generate
 from minimax_jax.serving.engine import (ContextLengthError, Engine, Output, SamplingParams,
                                        merge_outputs)
@@ -57,21 +58,7 @@ def prompts(n: int) -> list[list[int]]:
 
 def run_concurrently(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[Output]:
     """Submit every job at once, wait for all; their outputs merged per job."""
-    parts: list[list[Output]] = [[] for _ in jobs]
-    finished = threading.Semaphore(0)
-
-    def collector(i: int):
-        def collect(out: Output) -> None:
-            parts[i].append(out)
-            if out.finish_reason is not None:
-                finished.release()
-        return collect
-
-    for i, (prompt, params) in enumerate(jobs):
-        engine.submit(prompt, params, collector(i))
-    for _ in jobs:
-        assert finished.acquire(timeout=120), "a request did not finish"
-    return [merge_outputs(p) for p in parts]
+    return [merge_outputs(p) for p in run_jobs(engine, jobs)]
 
 
 def wait_for_all_pages(engine: Engine, timeout: float = 10) -> None:
