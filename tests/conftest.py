@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import zlib
@@ -12,6 +13,7 @@ from typing import Callable, Iterator
 # TPUs at start-up, in this process and in every subprocess a test starts (they inherit this).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -35,6 +37,17 @@ def tiny_config(**overrides) -> MiniMaxConfig:
     )
     values.update(overrides)
     return MiniMaxConfig(**values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs() -> Iterator[None]:
+    """Frees the XLA programs a test module compiled once it is done. A process keeps every
+    program it compiled, its machine code mapped into memory, until JAX's caches are cleared;
+    the whole suite's programs would pass the kernel's limit on memory mappings per process
+    (vm.max_map_count, 65,530 by default), after which compiling crashes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def node_seed(request: pytest.FixtureRequest) -> int:
