@@ -109,10 +109,15 @@ def experts():
 @pytest.mark.parametrize("mesh", ["data2xtensor2xexpert2", "expert2xsequence4", "fsdp4xexpert2"])
 def test_model_with_experts_split_equals_one_device(experts, mesh):
     """Expert parallelism: the experts split over the expert axis, tokens sent to them and back by
-    all-to-all; logits and parameter gradients equal one device's."""
+    all-to-all; logits and parameter gradients equal one device's. With a tensor axis the experts'
+    FFN width is split over it too (expert tensor parallelism): no expert weight (hidden 64 by
+    width 96) is ever gathered."""
     result = experts[mesh]
     assert result["logits"] < RTOL and result["grads"] < RTOL, result
     assert result["all_to_alls"] > 0, result
+    if "tensor" in mesh:
+        expert_weights = [s for s in result["all_gathers"] if re.search(r"\[\d+,(64,96|96,64)\]", s)]
+        assert not expert_weights, result["all_gathers"]
 
 
 def test_a_mesh_axis_that_does_not_divide_a_parameter_is_an_error():
