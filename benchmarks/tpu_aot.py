@@ -1,4 +1,4 @@
-"""Compile MiniMax steps for a TPU v5p slice on a machine without a TPU (ahead of time) and report
+"""Compile MiniMax steps for a TPU v5p or v6e slice on a machine without a TPU (ahead of time) and report
 what XLA's TPU compiler says each chip needs.
 
     pip install -e ".[tpu-aot]"    # libtpu: the TPU compiler, used here without a TPU
@@ -17,10 +17,14 @@ forward, chunked cross-entropy, backward, AdamW; remat on) over `--rows` packed 
 lowers the serving engine's prefill step (`minimax_jax.serving.steps.Steps`) for one chunk of
 `--seq-len` tokens into a paged cache of `--context` tokens, the K/V pages split over the mesh's
 `sequence` axis (their KV heads over `tensor`) and the lightning states' heads over `tensor`. `--layers N` keeps the first N layers
-(whole blocks) of the config to measure a part of the model.
+(whole blocks) of the config to measure a part of the model. `--step experts` lowers one MoE
+layer's expert matmuls forward and backward per chip (`--seq-len` routed rows per chip, the
+config's experts split over the mesh's `expert` axis), the grouped matmul's TPU kernels inside.
+`--generation v6e` describes a v6e slice (`--topology XxY`) instead of a v5p.
 
 Each compile appends one record to `--out` (JSON): the mesh, `memory_analysis()` per chip
-(argument, output, alias, temp, generated code, total against the chip's HBM), compile time, the
+(argument, output, alias, temp, generated code, total against the chip's HBM), the compiled cost
+analysis (FLOPs, bytes accessed; a Pallas kernel counts what it declares), compile time, the
 collectives and custom calls in the compiled program (a GPU kernel there would be an error).
 """
 
@@ -58,7 +62,7 @@ from minimax_jax.training.optimizer import make_optimizer, state_shardings  # no
 from minimax_jax.training.step import TrainState, train_step  # noqa: E402
 from sharding import DEFAULT_RULES, MESH_AXES, batch_sharding, param_shardings  # noqa: E402
 
-HBM_BYTES = {"v5p": 95 * 2**30}
+HBM_BYTES = {"v5p": 95 * 2**30, "v6e": 32 * 2**30}
 GIB = 2**30
 
 
@@ -125,6 +129,29 @@ def lower_train(cfg: MiniMaxConfig, mesh: Mesh, rules: Mapping[str, Any], rows: 
                                 aux_coef=cfg.router_aux_loss_coef)
 
 
+def lower_experts(cfg: MiniMaxConfig, mesh: Mesh, tokens: int) -> jax.stages.Lowered:
+    """One MoE layer's expert matmuls (`minimax_jax.moe.expert_ffn`: w1 | w3, SiLU, w2) forward and
+    backward on each chip: `tokens` routed rows per chip over the config's experts split over the
+    mesh's `expert` axis, rows over every axis, in the compute dtype; expert sizes even."""
+    from minimax_jax.moe import expert_ffn
+
+    local = cfg.num_local_experts // mesh.shape["expert"]
+    d, f, dtype = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
+
+    def step(x, w1, w3, w2):
+        sizes = jnp.full((local,), x.shape[0] // local, jnp.int32)
+        loss = lambda *a: jnp.sum(expert_ffn(*a[:1], sizes, *a[1:], impl=cfg.moe_impl).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w1, w3, w2)
+
+    every = tuple(mesh.axis_names)
+    run = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(every),) * 4, out_specs=(P(every),) * 4,
+                                check_vma=False))
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(every)))  # noqa: E731
+    chips = mesh.devices.size
+    return run.lower(spec(chips * tokens, d), spec(chips * local, d, f), spec(chips * local, d, f),
+                     spec(chips * local, f, d))
+
+
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     """K/V pages over `sequence` and their KV heads over `tensor`, lightning states over `tensor`
     (heads), the rest replicated."""
@@ -174,9 +201,17 @@ def program_facts(lowered: str, compiled: str) -> dict[str, Any]:
             "compiler_custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled)))}
 
 
+def cost_figures(compiled: jax.stages.Compiled) -> dict[str, float]:
+    """The compiled program's cost analysis per chip: FLOPs, transcendentals, bytes accessed (a
+    Pallas TPU kernel counts what its `pl.CostEstimate` declares)."""
+    cost = compiled.cost_analysis()
+    return {"flops": float(cost.get("flops", 0.0)), "transcendentals": float(cost.get("transcendentals", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
 def compile_and_measure(lowered: jax.stages.Lowered, hbm: int) -> dict[str, Any]:
-    """Compile `lowered` and return its per-chip memory figures (bytes and GiB), compile seconds
-    and program facts; a GPU kernel in the program is a RuntimeError."""
+    """Compile `lowered` and return its per-chip memory figures (bytes and GiB), cost analysis,
+    compile seconds and program facts; a GPU kernel in the program is a RuntimeError."""
     t0 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
@@ -190,7 +225,7 @@ def compile_and_measure(lowered: jax.stages.Lowered, hbm: int) -> dict[str, Any]
            if re.search(r"triton|mosaic_gpu|cudnn|cublas|__gpu", t)]
     if gpu:
         raise RuntimeError(f"the TPU program calls GPU kernels: {gpu}")
-    return {"compile_s": round(seconds, 1), "memory_bytes": mem,
+    return {"compile_s": round(seconds, 1), "memory_bytes": mem, "cost": cost_figures(compiled),
             "memory_gib": {k: round(v / GIB, 2) for k, v in mem.items()}, "hbm_gib": round(hbm / GIB, 1),
             "fits": mem["total"] <= hbm, **facts}
 
@@ -222,10 +257,11 @@ def parse_mesh(text: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, compile one step for the described slice, print and append the record."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step", choices=("train", "prefill"), default="train")
+    parser.add_argument("--step", choices=("train", "prefill", "experts"), default="train")
     parser.add_argument("--config", default="configs/minimax-text-01.yaml")
     parser.add_argument("--layers", type=int, help="keep the first N layers (whole blocks)")
-    parser.add_argument("--topology", default="2x2x1", help="v5p chips as XxYxZ (default: %(default)s)")
+    parser.add_argument("--generation", choices=sorted(HBM_BYTES), default="v5p", help="TPU generation")
+    parser.add_argument("--topology", default="2x2x1", help="chips as XxYxZ (v5p) or XxY (v6e) (default: %(default)s)")
     parser.add_argument("--mesh", default="fsdp=4", help="AXIS=SIZE,... multiplying to the chip count")
     parser.add_argument("--rows", type=int, default=1, help="train: packed rows; prefill: prompts")
     parser.add_argument("--seq-len", type=int, default=4096, help="train: row length; prefill: chunk length")
@@ -240,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_config(args.config, args.layers)
     rules = parse_rules(args.param_rules)
     chips = math.prod(int(d) for d in args.topology.split("x"))
-    say(f"describing a TPU v5p {args.topology} slice ({chips} chips) and a mesh {args.mesh}")
-    mesh = tpu_mesh(args.topology, parse_mesh(args.mesh))
-    say(f"devices are '{mesh.devices.flat[0].device_kind}'; the host backend is {jax.default_backend()}, so the "
-        f"ops' 'auto' dispatch takes their XLA forms")
+    say(f"describing a TPU {args.generation} {args.topology} slice ({chips} chips) and a mesh {args.mesh}")
+    mesh = tpu_mesh(args.topology, parse_mesh(args.mesh), args.generation)
+    say(f"devices are '{mesh.devices.flat[0].device_kind}'; the host backend is {jax.default_backend()}; the "
+        f"ops' 'auto' dispatch picks their TPU kernels where the program is lowered")
     n_params = sum(math.prod(s.shape) for s in jax.tree.leaves(nnx.eval_shape(
         lambda: nnx.state(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param))))
     say(f"lowering the {args.step} step: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts, "
@@ -251,21 +287,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.step == "train":
         lowered = lower_train(cfg, mesh, rules, args.rows, args.seq_len)
+    elif args.step == "experts":
+        lowered = lower_experts(cfg, mesh, args.seq_len)
     else:
         lowered = lower_prefill(cfg, mesh, rules, args.rows, args.seq_len, args.context or args.seq_len,
                                 args.page_size)
     lower_s = time.perf_counter() - t0
     say(f"lowered in {lower_s:.0f} s; compiling for the TPU (this is the long part)")
-    result = compile_and_measure(lowered, HBM_BYTES["v5p"])
+    result = compile_and_measure(lowered, HBM_BYTES[args.generation])
     g = result["memory_gib"]
     say(f"compiled in {result['compile_s']:.0f} s: per chip {g['argument']} GiB arguments, {g['output']} GiB "
         f"outputs ({g['alias']} GiB of them aliased to arguments), {g['temp']} GiB temporaries: {g['total']} GiB "
         f"of {result['hbm_gib']} GiB HBM ({'fits' if result['fits'] else 'does NOT fit'})")
+    cost = result["cost"]
+    say(f"cost analysis per chip: {cost['flops']:.3e} FLOPs, {cost['bytes_accessed']:.3e} bytes accessed")
     say(f"collectives {result['collectives']}; custom calls from the model: "
         f"{result['model_custom_calls'] or 'none'}, added by the TPU compiler: {result['compiler_custom_calls']}")
     record = {"date": datetime.date.today().isoformat(), "label": args.label, "step": args.step,
               "config": args.config, "layers": cfg.num_hidden_layers, "params": n_params,
-              "topology": f"v5p:{args.topology}", "chips": chips, "mesh": dict(mesh.shape),
+              "topology": f"{args.generation}:{args.topology}", "chips": chips, "mesh": dict(mesh.shape),
               "param_rules": args.param_rules or "default", "rows": args.rows,
               "seq_len": args.seq_len, "context": args.context, "lower_s": round(lower_s, 1),
               "jax": jax.__version__, "libtpu": metadata.version("libtpu"), **result}

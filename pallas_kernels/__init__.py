@@ -6,8 +6,9 @@ The ops the model computes through, each with a reference beside it:
   and ``lightning_decode(q, k, v, slopes, state)``: MiniMax-01 linear attention with per-head
   exponential decay. Implementations: "reference" (token recurrence), "chunked" (block form in
   plain JAX), "pallas" (Mosaic GPU kernels for Hopper, bf16/f16 inputs with head dim 64 or 128;
-  other calls fall back to "chunked") and "auto" ("pallas" where the kernels support the call, else
-  "chunked"). A one-token call with no segment ids runs the decode step.
+  Pallas TPU kernels on TPU, bf16/f32 inputs with head dim 64 or 128; other calls fall back to
+  "chunked") and "auto" ("pallas" where the kernels support the call, else "chunked"). A
+  one-token call with no segment ids runs the decode step.
 - ``softmax_attention`` / ``paged_softmax_attention`` (``pallas_kernels.softmax``).
 - ``grouped_matmul`` (``pallas_kernels.grouped_matmul``).
 """
@@ -19,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import lightning_gpu
+from pallas_kernels import lightning_gpu, lightning_tpu
 from pallas_kernels.chunked import lightning_attention_chunked
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.reference import lightning_attention_reference, lightning_decode_reference
@@ -73,8 +74,8 @@ def lightning_attention(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Ar
       position 0; None means zeros.
     segment_ids: int ``[B, T]`` or None; the state is reset to zero before position t whenever
       ``segment_ids[:, t] != segment_ids[:, t - 1]``.
-    impl: one of ``IMPLS``. With "pallas" (and "auto" on Hopper) slopes are constants: no gradient
-      flows to them; "chunked" and "reference" differentiate them too.
+    impl: one of ``IMPLS``. With "pallas" (and "auto" on Hopper or TPU) slopes are constants: no
+      gradient flows to them; "chunked" and "reference" differentiate them too.
     block_size: block length of the "chunked" form.
     zigzag: the tokens are in the current mesh's zigzag order (``sharding.tokens.zigzag_order``);
       only under a mesh with a ``sequence`` axis.
@@ -116,7 +117,13 @@ def _lightning_one_device(q, k, v, slopes, initial_state, segment_ids, *, impl: 
     return o[:, None], state
   if impl in ("pallas", "auto") and lightning_gpu.supports(q, k, v):
     return lightning_gpu.lightning_attention_pallas(q, k, v, slopes, initial_state, segment_ids)
-  return lightning_attention_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
+  chunked = lambda: lightning_attention_chunked(q, k, v, slopes, initial_state, segment_ids,  # noqa: E731
+                                                block_size)
+  if impl in ("pallas", "auto") and lightning_tpu.supports(q, k, v):
+    # chosen where the program is lowered, so a program compiled ahead of time for TPU takes it too
+    tpu = lambda: lightning_tpu.lightning_attention_tpu(q, k, v, slopes, initial_state, segment_ids)  # noqa: E731
+    return jax.lax.platform_dependent(tpu=tpu, default=chunked)
+  return chunked()
 
 
 def lightning_decode(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array,

@@ -4,7 +4,11 @@
 multiplied by ``w[g]``. Implementations: "xla" (``jax.lax.ragged_dot``, everywhere; the oracle),
 "pallas" (Mosaic GPU kernels for Hopper with a ``custom_vjp``: forward, d_x and d_w kernels; calls
 the kernels do not support fall back to "xla") and "auto" ("pallas" on the device kinds in
-``VERIFIED_DEVICES``, else "xla").
+``VERIFIED_DEVICES``, else "xla"). On TPU, "auto" and "pallas" run JAX's Pallas TPU megablox
+kernels (``pallas_kernels.grouped_matmul_tpu``, bf16 / float32): the choice is made where the
+program is lowered (``lax.platform_dependent``), so a program compiled ahead of time for a TPU
+on a machine without one takes them too; under a mesh only where every axis not yet manual has
+size 1 (a Mosaic kernel cannot be partitioned by the compiler: ``device.run_manual``).
 
 Quantized weights (``QuantizedWeights``: int8 / fp8 values with a float32 scale per group and
 output column) always take the XLA form, whatever ``impl`` says: ``ragged_dot`` on the values
@@ -22,6 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import grouped_matmul_tpu
+from pallas_kernels.device import can_run_mosaic, run_manual
 from pallas_kernels.grouped_matmul_gpu import Tiles, ragged_matmul, transposed_ragged_matmul
 
 IMPLS = ("auto", "pallas", "xla")
@@ -181,7 +187,12 @@ def grouped_matmul(x: jax.Array, w: Weights | Sequence[Weights], group_sizes: ja
         if any(v.scale.shape != (g, n) for v in ws):
             raise ValueError(f"scales {[v.scale.shape for v in ws]} must be [G, N] = {[g, n]}")
         return _xla(x, ws, group_sizes)
+    if impl == "xla":
+        return _xla(x, ws, group_sizes)
     verified = impl == "pallas" or jax.devices()[0].device_kind in VERIFIED_DEVICES
-    if impl != "xla" and verified and supports(x, ws):
+    if verified and supports(x, ws):
         return grouped_matmul_pallas(x, ws, group_sizes)
+    if grouped_matmul_tpu.supports(x, ws) and can_run_mosaic():
+        tpu = lambda *args: run_manual(grouped_matmul_tpu.grouped_matmul_tpu, args)  # noqa: E731
+        return jax.lax.platform_dependent(x, ws, group_sizes, default=_xla, tpu=tpu)
     return _xla(x, ws, group_sizes)

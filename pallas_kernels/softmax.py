@@ -8,9 +8,12 @@ sees no key gets 0.
 
 Implementations (``SOFTMAX_IMPLS``): "cudnn" (cuDNN flash attention, Hopper, self-attention; with
 segment ids through cuDNN's packed form where its backward workspace fits, see
-``softmax_cudnn.packed_plan``), "xla" (blockwise flash-style XLA, memory linear in T and S in forward and
-backward, any backend), "reference" (all scores at once; the oracle) and "auto" (cuDNN where it
-supports the call, else "xla"). A call an implementation does not support falls back to "xla".
+``softmax_cudnn.packed_plan``), "splash" (JAX's Pallas TPU splash attention, self-attention,
+``softmax_tpu``; chosen where the program is lowered, by ``lax.platform_dependent``, so a program
+compiled ahead of time for a TPU takes it too, and "xla" elsewhere), "xla" (blockwise flash-style
+XLA, memory linear in T and S in forward and backward, any backend), "reference" (all scores at
+once; the oracle) and "auto" (cuDNN where it supports the call, splash on TPU, else "xla"). A call
+an implementation does not support falls back to "xla".
 Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
 q_offset) other than "reference" runs as ring attention over that axis (``sharding.softmax``,
 the "xla" form per block); T must then be a multiple of P (of 2P in zigzag order, which balances
@@ -23,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import softmax_cudnn
+from pallas_kernels import softmax_cudnn, softmax_tpu
 from pallas_kernels.reference import softmax_attention_reference
 from pallas_kernels.softmax_xla import attention_xla, paged_attention_xla
 from sharding.tokens import sequence_shards, zigzag_order
 from sharding.softmax import softmax_attention_ring
 
-SOFTMAX_IMPLS = ("auto", "cudnn", "xla", "reference")
+SOFTMAX_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
 BLOCK_Q = 512  # query rows per block of the "xla" form
 BLOCK_K = 512  # key slots per block of the "xla" form
 
@@ -104,7 +107,19 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         if q_segment_ids is kv_segment_ids:
             return cudnn()
         return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids), cudnn, xla)
+    if impl in ("auto", "splash") and softmax_tpu.supports(q, k, v, q_offset is not None):
+        return jax.lax.platform_dependent(tpu=lambda: _splash(q, k, v, q_segment_ids, kv_segment_ids, xla),
+                                          default=xla)
     return xla()
+
+
+def _splash(q, k, v, q_segment_ids, kv_segment_ids, xla):
+    """Splash where every query sees itself (no segment ids, or equal q and kv ids), else xla()."""
+    if q_segment_ids is None or q_segment_ids is kv_segment_ids:
+        return softmax_tpu.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids),
+                        lambda: softmax_tpu.splash_attention(q, k, v, q_segment_ids, kv_segment_ids),
+                        xla)
 
 
 def paged_softmax_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax.Array,
