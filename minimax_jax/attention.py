@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from minimax_jax import quant
+from minimax_jax import lora
 from minimax_jax.cache import PagedKV, write_pages
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.layout import PADDING, TokenLayout
@@ -43,9 +43,9 @@ class SoftmaxAttention(nnx.Module):
         prefill chunk) its keys are exactly the chunk's own, and the op runs as self-attention.
         """
         x = x.astype(self.dtype)
-        q = quant.einsum("btd,dhk->bthk", x, self.q_proj)
-        k = quant.einsum("btd,dnk->btnk", x, self.k_proj)
-        v = quant.einsum("btd,dnk->btnk", x, self.v_proj)
+        q = lora.project("btd,dhk->bthk", x, self, "q_proj")
+        k = lora.project("btd,dnk->btnk", x, self, "k_proj")
+        v = lora.project("btd,dnk->btnk", x, self, "v_proj")
         q = apply_rope(q, layout.positions, theta=self.theta, rotary_dim=self.rotary_dim)
         k = apply_rope(k, layout.positions, theta=self.theta, rotary_dim=self.rotary_dim)
         segments = dict(q_segment_ids=layout.q_segment_ids, kv_segment_ids=layout.kv_segment_ids)
@@ -66,5 +66,5 @@ class SoftmaxAttention(nnx.Module):
                 lambda: pallas_kernels.paged_softmax_attention(
                     q, kv.key, kv.value, kv.page_table, **segments, q_offset=layout.cache_length,
                     impl=self.impl))
-        out = quant.einsum("bthk,hkd->btd", o, self.o_proj)
+        out = lora.project("bthk,hkd->btd", o, self, "o_proj")
         return out, kv

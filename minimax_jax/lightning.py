@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from minimax_jax import quant
+from minimax_jax import lora
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.layout import TokenLayout
 from minimax_jax.params import param
@@ -38,7 +38,7 @@ class LightningAttention(nnx.Module):
         Returns (out `[B, T, D]` in the compute dtype, new state float32 `[B, H, K, K]`).
         """
         x = x.astype(self.dtype)
-        qkv = quant.einsum("btd,dhjk->bthjk", x, self.qkv_proj)
+        qkv = lora.project("btd,dhjk->bthjk", x, self, "qkv_proj")
         qkv = jax.nn.silu(qkv)
         if layout.valid is not None:
             qkv = qkv * layout.valid.astype(qkv.dtype)[:, :, None, None, None]
@@ -47,6 +47,6 @@ class LightningAttention(nnx.Module):
             q, k, v, slopes, initial_state=state, segment_ids=layout.segment_ids, impl=self.impl,
             zigzag=layout.zigzag)
         o = self.norm(o.astype(self.dtype))
-        gate = jax.nn.sigmoid(quant.einsum("btd,dhk->bthk", x, self.output_gate))
-        out = quant.einsum("bthk,hkd->btd", o * gate, self.out_proj)
+        gate = jax.nn.sigmoid(lora.project("btd,dhk->bthk", x, self, "output_gate"))
+        out = lora.project("bthk,hkd->btd", o * gate, self, "out_proj")
         return out, state

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minimax_jax import quant
+from minimax_jax import lora
 from minimax_jax.config import MiniMaxConfig
+from minimax_jax.lora import ExpertWeights
 from minimax_jax.params import param
-from pallas_kernels import grouped_matmul
-from pallas_kernels.grouped_matmul import Weights
 from sharding.experts import expert_shards, experts_parallel
 from sharding.tokens import constrain_tokens, map_token_shards
 
@@ -99,17 +98,18 @@ def _gather_rows_bwd(fan_out, residuals, g):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: Weights, w3: Weights,
-               w2: Weights, impl: str = "auto") -> jax.Array:
+def expert_ffn(x: jax.Array, group_sizes: jax.Array, w1: ExpertWeights, w3: ExpertWeights,
+               w2: ExpertWeights, impl: str = "auto") -> jax.Array:
     """SwiGLU experts on rows sorted by expert: W2(SiLU(W1 x) * W3 x).
 
     x `[M, D]` (rows of expert e contiguous, in expert order), group_sizes int32 `[E]` summing to M,
-    w1/w3 `[E, D, F]`, w2 `[E, F, D]` (arrays in x's dtype, or int8 / fp8 `QuantizedWeights`);
+    w1/w3 `[E, D, F]`, w2 `[E, F, D]` (arrays in x's dtype, or int8 / fp8 `QuantizedWeights`, either with
+    per-expert LoRA factors as `lora.AdaptedExperts`);
     w1 and w3 run as one grouped matmul. `impl` as in `pallas_kernels.grouped_matmul`. Returns
     `[M, D]` in x's dtype.
     """
-    h1, h3 = jnp.split(grouped_matmul(x, (w1, w3), group_sizes, impl=impl), 2, axis=1)
-    return grouped_matmul(jax.nn.silu(h1) * h3, w2, group_sizes, impl=impl)
+    h1, h3 = jnp.split(lora.grouped_matmul(x, (w1, w3), group_sizes, impl=impl), 2, axis=1)
+    return lora.grouped_matmul(jax.nn.silu(h1) * h3, w2, group_sizes, impl=impl)
 
 
 class SparseMoE(nnx.Module):
@@ -131,10 +131,10 @@ class SparseMoE(nnx.Module):
         """x `[B, T, D]`, mask `[B, T]` or None -> (out `[B, T, D]` in the compute dtype,
         `router_stats`)."""
         x = x.astype(self.dtype)
-        logits = jnp.einsum("btd,de->bte", x, self.gate[...].astype(self.dtype))
+        logits = lora.project("btd,de->bte", x, self, "gate")
         probs, weights, experts = route(constrain_tokens(logits), self.top_k)
         stats = router_stats(probs, experts, mask)
-        ws = tuple(quant.expert_operand(w, self.dtype) for w in (self.w1, self.w3, self.w2))
+        ws = tuple(lora.expert_operand(self, name, self.dtype) for name in ("w1", "w3", "w2"))
         if expert_shards() > 1:
             ffn = functools.partial(_experts_by_id, impl=self.impl)
             return experts_parallel(x, weights, experts, *ws, ffn), stats
@@ -142,7 +142,7 @@ class SparseMoE(nnx.Module):
         return map_token_shards(local, (x, weights, experts), ws), stats
 
 
-def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: Weights, w3: Weights, w2: Weights, *,
+def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: ExpertWeights, w3: ExpertWeights, w2: ExpertWeights, *,
                    impl: str) -> jax.Array:
     """SwiGLU expert ids[m] of (w1, w3, w2) `[E, ...]` on row m of rows `[M, D]`; id E marks an
     empty row (its output is 0). Returns `[M, D]`."""
@@ -152,8 +152,8 @@ def _experts_by_id(rows: jax.Array, ids: jax.Array, w1: Weights, w3: Weights, w2
     return jnp.where(empty[:, None], 0, gather_rows(y, inverse, order, 1))
 
 
-def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: Weights,
-                       w3: Weights, w2: Weights, *, num_experts: int, impl: str) -> jax.Array:
+def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ExpertWeights,
+                       w3: ExpertWeights, w2: ExpertWeights, *, num_experts: int, impl: str) -> jax.Array:
     """`combine_experts` over tokens x `[B, T, D]` routed to experts `[B, T, k]` with weights
     `[B, T, k]`; more than TOKEN_CHUNK tokens go a chunk at a time, each chunk recomputed in the
     backward pass (the experts' activations of one chunk are alive at a time). Returns `[B, T, D]`."""
@@ -172,7 +172,7 @@ def _experts_on_tokens(x: jax.Array, weights: jax.Array, experts: jax.Array, w1:
 
 
 def combine_experts(xf: jax.Array, weights: jax.Array, experts: jax.Array,
-                    ws: tuple[Weights, Weights, Weights], num_experts: int,
+                    ws: tuple[ExpertWeights, ExpertWeights, ExpertWeights], num_experts: int,
                     impl: str) -> jax.Array:
     """The experts' weighted sum for tokens xf `[N, D]` routed to experts int32 `[N, k]` with
     weights float32 `[N, k]`; ws = (w1, w3, w2) in the compute dtype (or `QuantizedWeights`). Returns `[N, D]` in xf's

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import tiny_config
 from flax import nnx
 
-from minimax_jax import moe
+from minimax_jax import lora, moe
 from minimax_jax.moe import SparseMoE, gather_rows, route
 from pallas_kernels.grouped_matmul import grouped_matmul_pallas
 
@@ -103,8 +103,8 @@ def test_layer_through_kernels_interpret(rng, monkeypatch):
 
     want = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
     terms = float(jnp.sum(jnp.abs(nnx.merge(graphdef, state)(x)[0] * dy)))
-    monkeypatch.setattr(moe, "grouped_matmul", lambda x, w, sizes, impl: grouped_matmul_pallas(
-        x, tuple(w) if isinstance(w, tuple) else (w,), sizes, interpret=True))
+    monkeypatch.setattr(lora, "_grouped_matmul", lambda x, w, sizes, impl: grouped_matmul_pallas(
+        x, tuple(w) if isinstance(w, (tuple, list)) else (w,), sizes, interpret=True))
     got = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
     # 4 chained float32 matmuls, each summing <= n = 128 terms in another order: ~sqrt(n)*eps each
     tol = 4 * np.sqrt(max(cfg.hidden_size, cfg.intermediate_size)) * EPS32

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minimax_jax.serving.tools import TEXT_01_FORMAT, ChatFormat
+from minimax_jax.serving.tools import GENERATION_PROMPT, TEXT_01_FORMAT, ChatFormat
 from minimax_jax.tokenizer import BOS, EOS
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -81,8 +81,10 @@ class ChatTemplate:
         """The template of a checkpoint directory (see `load_template_source`)."""
         return cls(load_template_source(directory), format)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """Messages -> prompt text ending with the assistant's generation prompt.
+    def render(self, messages: list[dict], tools: list[dict] | None = None, *,
+               add_generation_prompt: bool = True) -> str:
+        """Messages -> prompt text ending with the assistant's generation prompt (without it when
+        `add_generation_prompt` is False: the text of a whole conversation, as training reads it).
 
         A message is a dict: role (system, developer (= system), user, assistant or tool),
         content (text); an assistant's may hold tool_calls ([{"id", "name", "arguments" (JSON
@@ -98,13 +100,15 @@ class ChatTemplate:
                                  "user, assistant, tool")
             normalized.append({**m, "role": role})
         if self._template is None:
-            return self.format.render(normalized, [t["function"] for t in tools or []])
+            prompt = self.format.render(normalized, [t["function"] for t in tools or []])
+            # every MiniMax format ends its prompts with the generation prompt
+            return prompt if add_generation_prompt else prompt.removesuffix(GENERATION_PROMPT)
         from jinja2 import TemplateError
 
         try:
             return self._template.render(
                 messages=[openai_message(m) for m in normalized], tools=tools or None,
-                add_generation_prompt=True, bos_token=BOS, eos_token=EOS,
+                add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS,
             )
         except TemplateError as e:
             raise ValueError(f"the chat template failed: {e}") from e

@@ -3,7 +3,9 @@
 Documents come from text files (one file, one document), .jsonl (one `text` field per line) and
 .parquet (a `text` column). Each document becomes BOS + tokens + EOS. Rows of `seq_len + 1` tokens
 are cut from the concatenated stream (a document may continue in the next row); segment ids keep
-documents apart (the softmax mask and the lightning-state reset). The iterator is deterministic
+documents apart (the softmax mask and the lightning-state reset). `packed_batches` also packs
+documents that carry more per-token features (a conversation's `loss_mask`,
+`minimax_jax.training.conversations`), those features cut and padded with the tokens. The iterator is deterministic
 and its state is a small JSON-able dict that goes into every checkpoint.
 
 In a multi-process job every process runs the same pipeline (so the iterator state is the same
@@ -16,7 +18,7 @@ import functools
 import json
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -136,27 +138,31 @@ def _encode(text: str, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
     return {"tokens": np.asarray(ids, np.int32)}
 
 
-def packed_batches(
-    source: DocumentSource,
-    indices: np.ndarray,
-    tokenizer: Tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    shuffle: bool,
-) -> grain.IterDataset:
-    """Batches of packed rows: {"tokens", "segment_ids", "positions"}, each int32 `[batch, seq_len + 1]`.
+def packed_batches(element: Callable[[int], dict[str, np.ndarray]], n: int, *, seq_len: int, batch_size: int,
+                   seed: int, shuffle: bool, features: tuple[str, ...] = ("tokens",),
+                   whole: bool = False) -> grain.IterDataset:
+    """Batches of packed rows: {"tokens", "segment_ids", "positions"} and the other `features`
+    (e.g. "loss_mask"), each int32 `[batch, seq_len + 1]`, from documents `element(i)`, i < n
+    (a dict of int32 `[n_i]` arrays, one per feature).
 
-    Documents are shuffled per epoch (when `shuffle`) and repeated forever.
+    Documents are shuffled per epoch (when `shuffle`) and repeated forever. By default they are
+    concatenated and rows cut every seq_len + 1 tokens (a document may continue in the next
+    row); with `whole` each document sits whole in one row (first fit over `batch_size` rows,
+    the rest of a row padded with segment id 0), so a document must have at most seq_len + 1
+    tokens.
     """
-    ds = grain.MapDataset.range(len(indices)).map(lambda i: source[int(indices[i])])
+    ds = grain.MapDataset.range(n).map(element)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None).map(functools.partial(_encode, tokenizer=tokenizer)).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+    ds = ds.repeat(None).to_iter_dataset()
+    lengths = {f: seq_len + 1 for f in features}
+    if whole:
+        ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=batch_size,
+                                                        shuffle_bins=False)
+    else:
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     ds = ds.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
-                           "positions": r["tokens_positions"]})
+                           "positions": r["tokens_positions"], **{f: r[f] for f in features if f != "tokens"}})
     return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -167,9 +173,17 @@ class DataPipeline:
                  batch_size: int, val_fraction: float, seed: int):
         self.source = DocumentSource(files)
         self.train_idx, self.val_idx = split_indices(len(self.source), val_fraction)
-        common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed)
-        self._train_ds = packed_batches(self.source, self.train_idx, tokenizer, shuffle=True, **common)
-        self._val_ds = packed_batches(self.source, self.val_idx, tokenizer, shuffle=False, **common)
+        self.summary = (f"{len(self.source)} documents from {len(files)} files "
+                        f"({len(self.val_idx)} held out for validation)")
+        self._start(lambda i: _encode(self.source[i], tokenizer), seq_len=seq_len, batch_size=batch_size,
+                    seed=seed)
+
+    def _start(self, element: Callable[[int], dict[str, np.ndarray]], **packing: Any) -> None:
+        """Build the train and validation datasets over `train_idx` / `val_idx` (`packing`: the
+        keyword arguments of `packed_batches` besides shuffle)."""
+        train, val = self.train_idx, self.val_idx
+        self._train_ds = packed_batches(lambda i: element(int(train[i])), len(train), shuffle=True, **packing)
+        self._val_ds = packed_batches(lambda i: element(int(val[i])), len(val), shuffle=False, **packing)
         self.train: Iterator[dict[str, np.ndarray]] = iter(self._train_ds)
 
     def validation(self, num_batches: int) -> list[dict[str, np.ndarray]]:

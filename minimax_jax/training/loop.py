@@ -18,18 +18,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from minimax_jax import lora, quant
 from minimax_jax.checkpoint import CheckpointError, load_model, param_shapes, save_model
 from minimax_jax.config import MiniMaxConfig
 from minimax_jax.generate import generate
+from minimax_jax.lora_checkpoint import save_adapters
 from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.tokenizer import Tokenizer, load_tokenizer
 from minimax_jax.training.checkpointing import TrainCheckpoints, abstract_like, ensure_writable
 from minimax_jax.training.config import TrainConfig, check_seq_len
+from minimax_jax.training.conversations import ConversationPipeline, sample_reply, training_template
 from minimax_jax.training.data import DataPipeline, find_files, global_batch
 from minimax_jax.training.metrics import MetricsLogger, peak_flops, plot_losses, train_flops_per_token
 from minimax_jax.training.optimizer import init_sharded, learning_rate_schedule, make_optimizer
 from minimax_jax.training.step import TrainState, eval_step, split_batch, train_step
+from minimax_jax.training.stdlib_conversations import write_conversations
 from sharding import batch_sharding, make_mesh, param_shardings
 from sharding.distributed import is_primary
 
@@ -81,11 +85,23 @@ def model_config(tcfg: TrainConfig, mcfg: MiniMaxConfig) -> MiniMaxConfig:
     return arch.replace(**{k: getattr(mcfg, k) for k in COMPUTE_FIELDS})
 
 
-def training_bytes(cfg: MiniMaxConfig) -> int:
+def training_bytes(cfg: MiniMaxConfig, lcfg: lora.LoraConfig | None = None) -> int:
     """Device bytes of the training state of `cfg`: params and gradients in `param_dtype`, and
-    AdamW's two float32 moments (activations not counted)."""
-    n = sum(math.prod(shape) for shape in param_shapes(cfg).values())
-    return n * (2 * np.dtype(cfg.param_dtype).itemsize + 2 * 4)
+    AdamW's two float32 moments (activations not counted). With LoRA (`lcfg.enabled`): the
+    frozen base (its projections in `lcfg.quantize`, values and float32 scales) and the float32
+    adapters with their gradients and moments."""
+    shapes = param_shapes(cfg)
+    itemsize = np.dtype(cfg.param_dtype).itemsize
+    if lcfg is None or not lcfg.enabled:
+        return sum(math.prod(s) for s in shapes.values()) * (2 * itemsize + 2 * 4)
+    base = 0
+    for path, shape in shapes.items():
+        stored = quant.stored_param(path, shape, lcfg.quantize)
+        base += (math.prod(shape) * itemsize if stored is None else
+                 math.prod(shape) * stored.value_dtype.itemsize + math.prod(stored.scale_shape) * 4)
+    model = nnx.eval_shape(lambda: lora.add_adapters(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), lcfg,
+                                                     rngs=nnx.Rngs(0)))
+    return base + sum(math.prod(s) for s in lora.adapter_shapes(model).values()) * 4 * 4
 
 
 def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Mesh | None = None,
@@ -95,36 +111,44 @@ def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Me
     checked against the checkpoint's checksums unless `verify=False` and refused with NaN / Inf
     unless `allow_non_finite`). With a mesh a fresh model is created already split over it (each
     device initialises its own shards; the whole model never sits on one device) and loaded
-    weights are placed on it. Refuses a `seq_len` beyond the model's positions and a model whose
+    weights are placed on it. With LoRA (`tcfg.lora`) the loaded model, its projections
+    quantized as `lora.quantize` says, gets fresh adapters (split like the weights they adapt).
+    Refuses a `seq_len` beyond the model's positions and a model whose
     training state cannot fit in the devices' memory, before allocating anything."""
-    cfg = model_config(tcfg, mcfg)
+    cfg, lcfg = model_config(tcfg, mcfg), tcfg.lora_settings
     check_seq_len(tcfg, cfg)
     devices = None if mesh is None else sorted(mesh.devices.flat, key=lambda d: d.process_index != jax.process_index())
-    require_memory(training_bytes(cfg), f"training the {cfg.num_hidden_layers}-layer, "
+    require_memory(training_bytes(cfg, lcfg), f"training the {cfg.num_hidden_layers}-layer, "
                    f"{cfg.hidden_size}-wide model (params, gradients, AdamW state)", devices)
     create = lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(tcfg.seed))  # noqa: E731
-    model = nnx.eval_shape(create)
+    model = nnx.eval_shape(create if lcfg.quantize is None else lambda: quant.quantize_model(create(), lcfg.quantize))
     shardings = None if mesh is None else param_shardings(nnx.state(model, nnx.Param), mesh)
     if tcfg.init_from is None:
         if shardings is None:
             return create()
         state = jax.jit(lambda: nnx.state(create(), nnx.Param), out_shardings=shardings)()
     else:
-        loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, verify=verify,
+        loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, quantize=lcfg.quantize, verify=verify,
                             allow_non_finite=allow_non_finite)
         state = nnx.state(loaded, nnx.Param)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
     nnx.update(model, state)
+    if lcfg.enabled:
+        lora.add_adapters(model, lcfg, rngs=nnx.Rngs(tcfg.seed))
+        if mesh is not None:
+            adapters = nnx.state(model, lora.LoraParam)
+            nnx.update(model, jax.device_put(adapters, param_shardings(adapters, mesh)))
     return model
 
 
-def evaluate(params, graphdef, batches) -> float:
-    """Mean validation cross-entropy (nats per target token) over `batches`."""
+def evaluate(params, graphdef, batches, frozen=None) -> float:
+    """Mean validation cross-entropy (nats per target token) over `batches` (`frozen`: the
+    frozen base of a LoRA run, or None)."""
     total = count = 0.0
     for b in batches:
-        s, n = eval_step(params, b, graphdef=graphdef)
+        s, n = eval_step(params, b, graphdef=graphdef, frozen=frozen)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -147,6 +171,9 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     with the same configs; each feeds its devices' rows of every batch, all write the Orbax
     checkpoints, process 0 alone writes the metrics and the plot; no model directory and no
     sample are made (summary `model_dir` None): resuming the checkpoint in one process does that.
+    With LoRA (`tcfg.lora`) only the adapters train (the optimizer state and the checkpoints
+    hold only them) and the run writes them alone to `run_dir`/adapter (summary `adapter_dir`)
+    instead of a model directory.
 
     `verify=False` resumes from and initialises from checkpoints without checking their
     checksums; `allow_non_finite` accepts NaN / Inf weights in `init_from`.
@@ -162,13 +189,22 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     mcfg = model.config
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {mcfg.vocab_size}")
-    files = find_files(tcfg.data)
-    data = DataPipeline(files, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-                        val_fraction=tcfg.val_fraction, seed=tcfg.seed)
-    log.info("data: %d documents from %d files (%d held out for validation)",
-             len(data.source), len(files), len(data.val_idx))
+    packing = dict(seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, val_fraction=tcfg.val_fraction, seed=tcfg.seed)
+    template = None
+    if tcfg.data_format == "conversations":
+        template = training_template(tcfg.init_from, tcfg.tokenizer, mcfg.model_type)
+        files = find_files(tcfg.data) if tcfg.data else [write_conversations(run_dir / "stdlib_conversations.jsonl")]
+        data = ConversationPipeline(files, tokenizer, template, truncate=tcfg.long_conversations == "truncate",
+                                    **packing)
+    else:
+        data = DataPipeline(find_files(tcfg.data), tokenizer, **packing)
+    log.info("data: %s", data.summary)
 
-    graphdef, params = nnx.split(model)
+    lcfg = tcfg.lora_settings
+    if lcfg.enabled:
+        graphdef, params, frozen = nnx.split(model, lora.LoraParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model), None
     place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
     mesh_scope = contextlib.nullcontext  # the steps run under the mesh, so the ops see it
     replicated = None
@@ -215,7 +251,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
             batch = place_batch(next(data.train))
             with mesh_scope():
                 state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
-                                            grad_accum=tcfg.grad_accum, aux_coef=aux_coef)
+                                            grad_accum=tcfg.grad_accum, aux_coef=aux_coef, frozen=frozen)
             steps_since += 1
             logger.advance()
             if not bool(metrics["finite"]):
@@ -245,7 +281,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
                 t_last, steps_since = time.perf_counter(), 0
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
                 with mesh_scope():
-                    val_loss = evaluate(state.params, graphdef, val_placed)
+                    val_loss = evaluate(state.params, graphdef, val_placed, frozen)
                 record["val_loss"] = val_loss
                 t_last, steps_since = time.perf_counter(), 0  # throughput counts training steps only
             if record:
@@ -263,19 +299,29 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
         logger.close()
         checkpoints.close()
 
-    model_dir, sample = None, ""
+    model_dir, adapter_dir, sample = None, None, ""
     plot = plot_losses(run_dir, baseline) if primary else run_dir / "loss.png"
     if jax.process_count() == 1:
-        model = nnx.merge(graphdef, state.params)
-        model_dir = save_model(model, run_dir / "model", tokenizer=tokenizer)
+        model = nnx.merge(graphdef, state.params, *(() if frozen is None else (frozen,)))
+        if lcfg.enabled:
+            adapter_dir = save_adapters(model, run_dir / "adapter", lcfg, base=tcfg.init_from)
+        else:
+            model_dir = save_model(model, run_dir / "model", tokenizer=tokenizer)
         sample_seed = int(jax.random.randint(jax.random.wrap_key_data(state.rng), (), 0, 2**31 - 1))
-        sample = sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+        if template is None:
+            sample = sample_text(model, tokenizer, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+        else:
+            if template.source is not None and model_dir is not None:  # serve.py renders chats as trained
+                (model_dir / "chat_template.jinja").write_text(template.source)
+            reply = sample_reply(model, tokenizer, template, tcfg.sample_prompt, tcfg.sample_tokens, seed=sample_seed)
+            sample = f"user: {tcfg.sample_prompt}\nassistant: {reply}"
     else:
         log.info("a multi-process run writes no model directory: the state is in %s; resume it in one process "
                  "(`steps=%d`, any mesh) to write the model and a sample", checkpoints.directory, int(state.step))
     summary = {"steps": int(state.step), "train_loss": train_loss, "val_loss": val_loss,
                "unigram_baseline": baseline, "skipped_steps": skipped,
                "model_dir": None if model_dir is None else str(model_dir),
+               "adapter_dir": None if adapter_dir is None else str(adapter_dir),
                "checkpoints": str(checkpoints.directory), "plot": str(plot), "sample": sample}
     return summary
 

@@ -19,8 +19,9 @@ LOSS_BLOCK = 1024  # tokens per block of the chunked cross-entropy
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-    """params (the model's nnx.State, float32 master weights), opt_state, step int32 `[]`,
-    rng uint32 key data (advanced every step; seeds the end-of-run sample)."""
+    """params (the trained part of the model's nnx.State, float32 master weights: every
+    param, or with LoRA the adapters), opt_state, step int32 `[]`, rng uint32 key data
+    (advanced every step; seeds the end-of-run sample)."""
 
     params: Any
     opt_state: Any
@@ -29,30 +30,37 @@ class TrainState:
 
 
 def split_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Packed rows `[B, T + 1]` -> inputs, targets, positions, segment_ids `[B, T]` and loss mask.
+    """Packed rows `[B, T + 1]` -> inputs, targets, positions, segment_ids `[B, T]` and the
+    bool mask `[B, T]` of the targets that count in the loss.
 
-    A target counts when it continues the same document as its input token.
+    A target counts when it continues the same document as its input token and, when the rows
+    carry an integer "loss_mask" `[B, T + 1]` (conversations: 1 on the assistant's tokens), its
+    own loss_mask is nonzero.
     """
     tokens, seg = batch["tokens"], batch["segment_ids"]
+    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    if "loss_mask" in batch:
+        mask = mask & (batch["loss_mask"][:, 1:] != 0)
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "positions": batch["positions"][:, :-1],
         "segment_ids": seg[:, :-1],
-        "mask": (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0),
+        "mask": mask,
     }
 
 
 def loss_fn(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], aux_coef: float,
-            num_targets: jax.Array, num_micro: int = 1):
+            num_targets: jax.Array, num_micro: int = 1, frozen: nnx.State | None = None):
     """This micro-batch's share of the step loss (the cross-entropy taken LOSS_BLOCK tokens at a
     time: full-length logits never exist): sum of target NLL / num_targets (the whole
     step's target count) + aux_coef * MoE load-balancing loss / num_micro. Summed over the
     micro-batches of a step it is exactly the full batch's mean loss.
 
+    `frozen`: the rest of the model's state (the frozen base of a LoRA run), not differentiated.
     Returns (loss, metrics: "nll_sum", "aux_loss" float32 scalars, "expert_load" float32 `[E]`).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
     b = split_batch(batch)
     h, _, stats = model.hidden_states(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
     lm_head = model.lm_head[...].astype(h.dtype)
@@ -70,16 +78,18 @@ def count_targets(batch: dict[str, jax.Array]) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "grad_accum", "aux_coef"),
                    donate_argnums=(0,))
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, grad_accum: int, aux_coef: float):
+               optimizer: optax.GradientTransformation, grad_accum: int, aux_coef: float,
+               frozen: nnx.State | None = None):
     """One optimizer step over `batch` (int32 `[B, T + 1]` arrays), accumulating gradients over
-    `grad_accum` equal micro-batches. A non-finite loss or gradient leaves params and optimizer
-    state unchanged (metrics["finite"] = False). Returns (new state, metrics)."""
+    `grad_accum` equal micro-batches. Gradients are taken for `state.params` only; `frozen`
+    (the LoRA base, or None) is read, never updated. A non-finite loss or gradient leaves
+    params and optimizer state unchanged (metrics["finite"] = False). Returns (new state, metrics)."""
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
     num_targets = count_targets(batch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(grads, mb):
-        (loss, metrics), g = grad_fn(state.params, graphdef, mb, aux_coef, num_targets, grad_accum)
+        (loss, metrics), g = grad_fn(state.params, graphdef, mb, aux_coef, num_targets, grad_accum, frozen)
         return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
     grads, (losses, metrics) = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.params), micro)
@@ -100,7 +110,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(params, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef):
+def eval_step(params, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, frozen: nnx.State | None = None):
     """Validation: (sum of target NLL, number of targets) over one batch, both float32."""
-    _, metrics = loss_fn(params, graphdef, batch, 0.0, jnp.float32(1.0))
+    _, metrics = loss_fn(params, graphdef, batch, 0.0, jnp.float32(1.0), frozen=frozen)
     return metrics["nll_sum"], jnp.sum(split_batch(batch)["mask"].astype(jnp.float32))
