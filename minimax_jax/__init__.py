@@ -5,8 +5,9 @@ from minimax_jax.checkpoint import load_model
 from minimax_jax.config import ConfigError, MiniMaxConfig
 from minimax_jax.generate import generate
 from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.vision import MiniMaxVLConfig, MiniMaxVLForConditionalGeneration
 
 __all__ = [
-    "Cache", "ConfigError", "MiniMaxConfig", "MiniMaxForCausalLM", "generate", "init_cache",
-    "load_model",
+    "Cache", "ConfigError", "MiniMaxConfig", "MiniMaxForCausalLM", "MiniMaxVLConfig",
+    "MiniMaxVLForConditionalGeneration", "generate", "init_cache", "load_model",
 ]

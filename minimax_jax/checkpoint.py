@@ -43,11 +43,14 @@ from tqdm import tqdm
 
 from minimax_jax import quant
 from minimax_jax.config import MiniMaxConfig, parse_json
-from minimax_jax.hf_names import IGNORED, Entry, ParamPath, detect_layout, expected_entries
+from minimax_jax.hf_names import IGNORED, Entry, ParamPath
 from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.tokenizer import (BYTE_TOKENIZER_FILE, HF_CONFIG_FILE, HF_TOKENIZER_FILE, load_tokenizer,
                                    write_hf_files)
+from minimax_jax.vision.config import MiniMaxVLConfig, read_model_config
+from minimax_jax.vision.hf_names import detect_text_layout, hf_entries, text_name
+from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
@@ -86,9 +89,15 @@ def report(where: Path, problems: list[str]) -> CheckpointError:
     return CheckpointError(f"{where}: {len(problems)} problem(s): " + "; ".join(shown) + more)
 
 
-def param_shapes(cfg: MiniMaxConfig) -> dict[ParamPath, tuple[int, ...]]:
-    """Shape of every parameter of `MiniMaxForCausalLM(cfg)`, by path (computed abstractly)."""
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)))
+def model_class(cfg: MiniMaxConfig | MiniMaxVLConfig) -> type[MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration]:
+    """The model a config describes: `MiniMaxVLForConditionalGeneration` for a VL config, else
+    `MiniMaxForCausalLM`."""
+    return MiniMaxVLForConditionalGeneration if isinstance(cfg, MiniMaxVLConfig) else MiniMaxForCausalLM
+
+
+def param_shapes(cfg: MiniMaxConfig | MiniMaxVLConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Shape of every parameter of the model of `cfg` (`model_class`), by path (computed abstractly)."""
+    model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
     return {path: tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -308,16 +317,16 @@ class HFPlan:
     reported together in one `CheckpointError`.
     """
 
-    def __init__(self, hf_dir: Path, cfg: MiniMaxConfig, dtype: np.dtype | None,
+    def __init__(self, hf_dir: Path, cfg: MiniMaxConfig | MiniMaxVLConfig, dtype: np.dtype | None,
                  overrides: dict[ParamPath, np.dtype] | None = None):
         self.reader = HFReader(hf_dir)
-        self.layout = detect_layout(set(self.reader.file))
-        self.entries = expected_entries(cfg, self.layout)
+        self.layout = detect_text_layout(cfg, set(self.reader.file))
+        self.entries = hf_entries(cfg, self.layout)
         self.shapes = param_shapes(cfg)
         present = set(self.reader.file)
         problems = [f"missing tensor {n}" for n in sorted(set(self.entries) - present)]
         problems += [f"unexpected tensor {n}" for n in sorted(present - set(self.entries))
-                     if not IGNORED.fullmatch(n)]
+                     if not IGNORED.fullmatch(text_name(cfg, n) or "")]
         sources: dict[ParamPath, list[np.dtype]] = {}
         for name in sorted(set(self.entries) & present):
             want, got = self.entries[name][0].rule.hf_shape(cfg), self.reader.shape[name]
@@ -576,8 +585,11 @@ def quantized_layout(shapes: dict[ParamPath, tuple[int, ...]], dtypes: dict[Para
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str | None = None,
-               verify: bool = True, allow_non_finite: bool = False) -> MiniMaxForCausalLM:
-    """Load a `MiniMaxForCausalLM` from an HF directory or one of our Orbax checkpoints.
+               verify: bool = True, allow_non_finite: bool = False
+               ) -> MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration:
+    """Load a `MiniMaxForCausalLM` (a `MiniMaxVLForConditionalGeneration` for a MiniMax-VL-01
+    checkpoint: `config.json` with a `vision_config`) from an HF directory or one of our Orbax
+    checkpoints.
 
     Params are cast to `dtype` ("float32" | "bfloat16" | "float16"), which also becomes the
     config's `dtype` and `param_dtype`; they live on the default device. `quantize` ("int8" |
@@ -604,8 +616,8 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str
                               f"cannot load as {quantize}; pass quantize={stored_mode!r} or None, or "
                               f"quantize an unquantized checkpoint")
     mode = stored_mode or quantize
-    cfg = MiniMaxConfig.from_hf_config(path, dtype=dtype, param_dtype=dtype)
-    create = lambda: MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    cfg = read_model_config(path, dtype=dtype, param_dtype=dtype)
+    create = lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     float_shapes = param_shapes(cfg)
     model = nnx.eval_shape(create if mode is None else lambda: quant.quantize_model(create(), mode))
     abstract = nnx.state(model, nnx.Param)
@@ -664,7 +676,8 @@ def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtypes: di
     return arrays
 
 
-def save_model(model: MiniMaxForCausalLM, path: str | os.PathLike, *, tokenizer=None) -> Path:
+def save_model(model: MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration, path: str | os.PathLike, *,
+               tokenizer=None) -> Path:
     """Save a live model as a checkpoint that `load_model` reads (Orbax params, config.json, the
     tokenizer's file, checksums.json, quantization.json for a quantized model, the completion
     marker written last). An existing checkpoint at `path` is replaced only once the new one is

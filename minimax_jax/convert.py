@@ -2,6 +2,7 @@
 
     python -m minimax_jax.convert --hf-dir HF --out CKPT [--dtype bfloat16] [--quantize int8|fp8] [--allow-non-finite]
     python -m minimax_jax.convert --to-hf --ckpt CKPT --out HF [--dtype ...] [--max-shard-gib 2] [--no-verify]
+    python -m minimax_jax.convert --merge-lora ADAPTER_DIR --out CKPT [--ckpt BASE] [--dtype ...] [--no-verify]
 
 Both directions go through the one table of `hf_names` and hold one tensor at a time. Memory
 bound: peak RSS <= (the same conversion of a tiny model) + 4 x the largest single tensor + 64 MiB,
@@ -14,7 +15,8 @@ checkpoints record a crc32 per written block (`checksums.json`), which the expor
 `--quantize` stores the expert and attention projections as int8 / fp8 values with float32
 scales per output channel (`quant`; separate params, each with its checksums), quantized block by
 block from the HF tensors' own values; `load_model` reads such a checkpoint back quantized, and
-the export refuses it.
+the export refuses it. A MiniMax-VL-01 checkpoint (a `config.json` with `vision_config`)
+converts the same way, with the VL key set of `vision.hf_names`.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from minimax_jax.checkpoint import (
     quantized_layout, read_checksums, read_quantization, write_checksums, write_quantization,
     write_safetensors,
 )
-from minimax_jax.config import ConfigError, MiniMaxConfig
-from minimax_jax.hf_names import REMOTE, Entry, ParamPath, expected_entries
+from minimax_jax.config import ConfigError
+from minimax_jax.hf_names import REMOTE, Entry, ParamPath
+from minimax_jax.lora_checkpoint import merge_checkpoint
+from minimax_jax.vision.config import read_model_config
+from minimax_jax.vision.hf_names import hf_entries
 
 
 def _log(message: str) -> None:
@@ -62,7 +67,7 @@ def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None
     if not hf_dir.is_dir():
         problem = "is not a directory" if hf_dir.exists() else "does not exist"
         raise CheckpointError(f"HF directory {hf_dir} {problem} (expected config.json and *.safetensors in one)")
-    cfg = MiniMaxConfig.from_hf_config(hf_dir)
+    cfg = read_model_config(hf_dir)
     quantized = {p: quant.stored_param(p, s, quantize) for p, s in param_shapes(cfg).items()}
     plan = HFPlan(hf_dir, cfg, target, {p: np.dtype(np.float32) for p, q in quantized.items() if q})
     n_index = {e.path: len(e.index) for es in plan.entries.values() for e in es}
@@ -86,7 +91,8 @@ def hf_to_orbax(hf_dir: str | Path, out: str | Path, *, dtype: str | None = None
         write_checksums(tmp, writer.finish())
         if quantize is not None:
             write_quantization(tmp, quantize)
-        stored = cfg.replace(param_dtype=plan.dtypes[("embed_tokens",)].name)
+        embed = next(p for p in plan.dtypes if p[-1] == "embed_tokens")
+        stored = cfg.replace(param_dtype=plan.dtypes[embed].name)
         (tmp / "config.json").write_text(json.dumps(stored.to_hf_config(), indent=2))
         copied = copy_aux_files(hf_dir, tmp)
         (tmp / MARKER).write_text(json.dumps(
@@ -118,9 +124,9 @@ def orbax_to_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None,
     if (mode := read_quantization(ckpt)) is not None:
         raise CheckpointError(f"{ckpt}: holds {mode}-quantized weights ({quant.QUANTIZATION_FILE}); "
                               f"export an unquantized checkpoint instead")
-    cfg = MiniMaxConfig.from_hf_config(ckpt)
+    cfg = read_model_config(ckpt)
     reader = OrbaxReader(ckpt / STATE_DIR)
-    entries: list[Entry] = [es[0] for _, es in sorted(expected_entries(cfg, REMOTE).items(),
+    entries: list[Entry] = [es[0] for _, es in sorted(hf_entries(cfg, REMOTE).items(),
                                                         key=lambda kv: _natural_key(kv[0]))]
     reader.check(param_shapes(cfg))
     checksums = read_checksums(ckpt) if verify else {}
@@ -181,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minimax_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", help="HF directory to convert (config.json + *.safetensors)")
     parser.add_argument("--to-hf", action="store_true", help="export --ckpt to an HF directory instead")
-    parser.add_argument("--ckpt", help="our Orbax checkpoint directory to export (with --to-hf)")
+    parser.add_argument("--ckpt", help="our Orbax checkpoint directory to export (with --to-hf), or the base "
+                                       "of --merge-lora (default: the base the adapters record)")
+    parser.add_argument("--merge-lora", metavar="ADAPTER_DIR",
+                        help="merge the LoRA adapters in ADAPTER_DIR into their base and write a plain checkpoint")
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
     parser.add_argument("--quantize", choices=quant.MODES,
@@ -194,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        if args.to_hf:
+        if args.merge_lora:
+            if args.to_hf or args.hf_dir or args.quantize:
+                raise CheckpointError("--merge-lora takes --out, --ckpt, --dtype and --no-verify, not "
+                                      "--to-hf, --hf-dir or --quantize")
+            merge_checkpoint(args.merge_lora, args.out, base=args.ckpt, dtype=args.dtype, verify=not args.no_verify)
+        elif args.to_hf:
             if not args.ckpt:
                 raise CheckpointError("--to-hf needs --ckpt CKPT")
             if args.quantize:

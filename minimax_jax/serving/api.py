@@ -21,6 +21,11 @@ and reads no calls; "auto" (the default with tools) lets the model choose; "requ
 named function forces a call through constrained decoding, as does `response_format`
 (json_object / json_schema; with tools under "auto", either the JSON or a call).
 `parallel_tool_calls` false keeps one call per answer.
+
+Images (a VL model): user messages may hold `{"type": "image_url", "image_url": {"url": DATA_URL}}`
+and `{"type": "image", "image": DATA_URL}` parts, rendered as `<image>` in the prompt and expanded
+into each image's image tokens (`serving.images`); only data URLs are read (the server fetches
+nothing), and an http URL, a bad or oversized image, or a text model gets a 400 saying why.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minimax_jax.serving.chat import ChatTemplate
 from minimax_jax.serving.engine import (ContextLengthError, Engine, Output, SamplingParams, TokenLogprob, TokenMask,
                                        merge_outputs)
+from minimax_jax.serving.images import IMAGE_PLACEHOLDER, ImageInput, decode_data_url, expand_prompt
 from minimax_jax.serving.protocol import (MAX_STOP, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                          DetokenizeRequest, NamedToolChoice, SamplingFields, TokenizeRequest)
+                                          DetokenizeRequest, ImagePart, ImageURLPart, NamedToolChoice,
+                                          SamplingFields, TokenizeRequest)
 from minimax_jax.serving.structured import Grammars, json_value
 from minimax_jax.serving.tools import ChatDelta, OutputParser, parse_arguments
 from minimax_jax.tokenizer import Tokenizer
@@ -160,9 +167,11 @@ class Server:
 
     def jobs(self, prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
              logprobs: int | None, prompt_logprobs: int | None = None,
-             constraint: Constraint | None = None) -> list[tuple[list[int], SamplingParams]]:
-        """One (prompt ids, params) per choice: prompts x n, checked by the engine; `constraint`
-        (a `SamplingParams.constraint`) for constrained decoding."""
+             constraint: Constraint | None = None, images: ImageInput | None = None
+             ) -> list[tuple[list[int], SamplingParams, ImageInput | None]]:
+        """One (prompt ids, params, images) per choice: prompts x n, checked by the engine;
+        `constraint` (a `SamplingParams.constraint`) for constrained decoding; `images` (a VL
+        model's, of a single prompt) fill its image tokens."""
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"prompts x n must be <= {MAX_CHOICES}, got {len(prompts) * body.n}", param="n")
         out = []
@@ -170,6 +179,7 @@ class Server:
             params = self.sampling(body, max_tokens, logprobs, len(prompt), prompt_logprobs, constraint)
             try:
                 self.engine.check(prompt, params)
+                self.engine.check_images(prompt, images)
             except ContextLengthError as e:
                 raise APIError(400, str(e), param="prompt", code="context_length_exceeded")
             except ValueError as e:  # the engine's messages start with the setting they name
@@ -177,7 +187,7 @@ class Server:
                 raise APIError(400, str(e), param=field if field in type(body).model_fields else "prompt")
             for i in range(body.n):
                 seed = params.seed if params.seed is None else (params.seed + i) % 2**32
-                out.append((prompt, dataclasses.replace(params, seed=seed)))
+                out.append((prompt, dataclasses.replace(params, seed=seed), images))
         return out
 
     def completion_prompts(self, body: CompletionRequest) -> list[tuple[list[int], int]]:
@@ -193,11 +203,12 @@ class Server:
             return [self.document(list(p))]
         return [self.document(list(ids)) for ids in p]
 
-    def chat_messages(self, chat: list[ChatMessage]) -> list[dict]:
-        """Request messages -> the dicts `ChatTemplate.render` takes (an assistant's null content
-        is empty); a tool message gets the name of the function whose call (by tool_call_id) it
-        answers. 400 names a bad message."""
-        out, called = [], {}
+    def chat_messages(self, chat: list[ChatMessage]) -> tuple[list[dict], list]:
+        """Request messages -> (the dicts `ChatTemplate.render` takes (an assistant's null content
+        is empty; an image part is the placeholder `<image>`), the PIL images of the image parts in
+        order); a tool message gets the name of the function whose call (by tool_call_id) it
+        answers. 400 names a bad message or image."""
+        out, called, images = [], {}, []
         for i, m in enumerate(chat):
             where = f"messages[{i}]"
 
@@ -205,7 +216,12 @@ class Server:
                 return APIError(400, f"{where}{problem}", param="messages")
 
             calls = getattr(m, "tool_calls", None) or []
-            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content or [])
+            parts = [] if isinstance(m.content, str) else m.content or []
+            for j, part in enumerate(parts):
+                if isinstance(part, (ImageURLPart, ImagePart)):
+                    images.append(self.chat_image(part, f"{where}.content[{j}]"))
+            text = m.content if isinstance(m.content, str) else "".join(
+                IMAGE_PLACEHOLDER if isinstance(part, (ImageURLPart, ImagePart)) else part.text for part in parts)
             message = {"role": m.role, "content": text}
             for j, call in enumerate(calls):
                 if parse_arguments(call.function.arguments) is None:
@@ -219,15 +235,36 @@ class Server:
                     raise bad(".tool_call_id is not the id of an earlier assistant tool call")
                 message.update(name=name, tool_call_id=m.tool_call_id)
             out.append(message)
-        return out
+        return out, images
 
-    def chat_prompt(self, chat: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
-        """Chat messages (and the tools offered) -> the ids of the prompt the chat template renders."""
+    def chat_image(self, part: ImageURLPart | ImagePart, where: str):
+        """The PIL image of an image part; 400 naming `where` when the model reads no images or
+        the data is not a usable image (see `images.decode_data_url`)."""
+        if self.engine.vl_config is None:
+            raise APIError(400, f"{where} is an image, but the model {self.model_name!r} reads text only",
+                           param="messages")
+        field = "image_url.url" if isinstance(part, ImageURLPart) else "image"
         try:
-            text = self.chat_template.render(self.chat_messages(chat), tools)
+            return decode_data_url(part.image_url.url if isinstance(part, ImageURLPart) else part.image)
+        except ValueError as e:
+            raise APIError(400, f"{where}.{field} {e}", param="messages", code="invalid_image")
+
+    def chat_prompt(self, chat: list[ChatMessage], tools: list[dict] | None = None
+                    ) -> tuple[list[int], ImageInput | None]:
+        """Chat messages (and the tools offered) -> (the ids of the prompt the chat template
+        renders, a VL model's images or None); each image's `<image>` becomes its image tokens."""
+        messages, images = self.chat_messages(chat)
+        try:
+            text = self.chat_template.render(messages, tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages")
-        return self.encode(text, "messages")
+        if self.engine.vl_config is None:
+            return self.encode(text, "messages"), None
+        pieces = [self.encode(piece, "messages") for piece in text.split(IMAGE_PLACEHOLDER)]
+        try:
+            return expand_prompt(self.engine.vl_config, pieces, images)
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_image")
 
     def chat_tools(self, body: ChatCompletionRequest) -> tuple[list[dict], bool, str | None]:
         """(the tools rendered into the prompt, whether the output is read for tool calls, the
@@ -279,7 +316,7 @@ class Server:
         return (tools if reads_calls else []), reads_calls, grammar
 
     # ----- running jobs ---------------------------------------------------------------------------
-    async def run_jobs(self, jobs: list[tuple[list[int], SamplingParams]],
+    async def run_jobs(self, jobs: list[tuple[list[int], SamplingParams, ImageInput | None]],
                        first: FirstOutput | None = None) -> AsyncIterator[tuple[int, Output]]:
         """Submit every job; yield (job index, output) as they come until all have finished, a
         job's first output passed through first(index, output) when given. Closing the iterator
@@ -288,9 +325,10 @@ class Server:
         queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         ids, open_jobs, started = [], set(range(len(jobs))), set()
         try:
-            for i, (prompt, params) in enumerate(jobs):
+            for i, (prompt, params, images) in enumerate(jobs):
                 ids.append(self.engine.submit(
-                    prompt, params, lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out))))
+                    prompt, params, lambda out, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, out)),
+                    images=images))
             while open_jobs:
                 i, out = await queue.get()
                 if out.finish_reason is not None:
@@ -489,7 +527,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            ids = server.chat_prompt(body.messages)
+            ids, _ = server.chat_prompt(body.messages)
         else:
             ids = server.encode(body.prompt, "prompt")
             ids = server.with_bos(ids)[0] if body.add_special_tokens else ids
@@ -532,9 +570,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str,
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         tools, reads_calls, grammar = server.chat_tools(body)
-        prompts = [server.chat_prompt(body.messages, tools)]
+        prompt, images = server.chat_prompt(body.messages, tools)
+        prompts = [prompt]
         constraint = None if grammar is None else server.grammars.constraint(grammar)
-        jobs = server.jobs(prompts, body, body.max_completion_tokens or body.max_tokens, logprobs, None, constraint)
+        jobs = server.jobs(prompts, body, body.max_completion_tokens or body.max_tokens, logprobs, None, constraint,
+                           images)
         parsers = [server.chat_template.format.parser(reads_calls, body.parallel_tool_calls) for _ in jobs]
 
         def choice(i: int, out: Output, _: int, stream: bool) -> dict | None:

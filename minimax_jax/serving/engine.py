@@ -43,11 +43,13 @@ import traceback
 from typing import Callable, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from minimax_jax.cache import PAGE_SIZE
 from minimax_jax.memory import require_memory
 from minimax_jax.model import MiniMaxForCausalLM
+from minimax_jax.serving.images import ImageInput
 from minimax_jax.serving.metrics import Metrics
 from minimax_jax.serving.pages import PageAllocator
 from minimax_jax.serving.prefix import CachedPrefix, PrefixCache, block_chain
@@ -56,6 +58,8 @@ from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TO
 from minimax_jax.serving.steps import Steps, cache_bytes, prefix_store_bytes
 from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import Tokenizer
+from minimax_jax.vision.anyres import image_token_count
+from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration, text_model
 
 log = logging.getLogger(__name__)
 MIN_PREFILL_BUCKET = 16  # the shortest prefill step
@@ -189,6 +193,9 @@ class _Request:
     mask: TokenMask | None = None  # constrained decoding (SamplingParams.constraint)
     last_token: float = 0.0  # when its last token was generated (time.monotonic)
     chain: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its whole pages
+    images: ImageInput | None = None  # a VL model's images (never prefix-cached: their tokens are all alike)
+    features: jax.Array | None = None  # their image tokens [n, D], computed at the first prefill chunk
+    feature_index: np.ndarray | None = None  # [prompt length]: the image token each position reads
 
     @property
     def decoding(self) -> bool:
@@ -224,16 +231,22 @@ class Engine:
     it (the buckets start at 1), pages of cached prefixes stay held (and count as used) until
     their entry is evicted, least recently used first, when a snapshot or an admission needs room.
 
+    A VL model's requests may carry images (`submit(..., images=)`, one image token per position
+    they fill): the vision tower runs at the request's first prefill chunk, and each chunk reads
+    the image tokens' embeddings in place of those positions' token embeddings. Such requests
+    bypass the prefix cache (their image tokens are all the same id).
+
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `reset_prefix_cache()`, `stop()`.
     `generate(...)` blocks for one result.
     """
 
-    def __init__(self, model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 8,
-                 max_context: int = 2048, prefill_chunk: int = 64, prefill_rows: int = 4,
+    def __init__(self, model: MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration, tokenizer: Tokenizer, *,
+                 max_batch: int = 8, max_context: int = 2048, prefill_chunk: int = 64, prefill_rows: int = 4,
                  page_size: int = PAGE_SIZE, kv_pages: int | None = None,
                  metrics: Metrics | None = None, decode_steps: int = 1, prefix_cache_slots: int = 0):
-        cfg = model.config
+        cfg = text_model(model).config
+        self.vl_config = model.config if isinstance(model, MiniMaxVLForConditionalGeneration) else None
         if min(max_batch, prefill_chunk, prefill_rows, page_size, decode_steps) < 1:
             raise ValueError(f"max_batch, prefill_chunk, prefill_rows, page_size and decode_steps must be "
                              f">= 1, got {max_batch}, {prefill_chunk}, {prefill_rows}, {page_size}, {decode_steps}")
@@ -317,6 +330,20 @@ class Engine:
                 f"prompt tokens + max_tokens {params.max_tokens}; the K/V pool holds "
                 f"{self.pages.num_pages} pages")
 
+    def check_images(self, prompt: list[int], images: ImageInput | None) -> None:
+        """Raise ValueError unless the prompt's image tokens are exactly those `images` make (none
+        without images; images only for a VL model)."""
+        if self.vl_config is None:
+            if images is not None:
+                raise ValueError("images need a VL model; this one reads text only")
+            return
+        vision = self.vl_config.vision
+        have = prompt.count(vision.image_token_index)
+        want = 0 if images is None else sum(image_token_count(vision, h, w) for h, w in images.image_sizes.tolist())
+        if have != want:
+            raise ValueError(f"prompt holds {have} image token(s) (id {vision.image_token_index}) but the "
+                             f"images make {want}")
+
     def _prompt_slots(self, prompt_tokens: int) -> int:
         """K/V slots a prompt fills: its tokens, and without the prefix cache the padding of its
         first chunk (left-padded to at most a whole chunk)."""
@@ -336,15 +363,18 @@ class Engine:
         return max(min(self.max_context - prompt_tokens, pool_room), 1)
 
     def submit(self, prompt: list[int], params: SamplingParams,
-               on_output: Callable[[Output], None]) -> str:
+               on_output: Callable[[Output], None], images: ImageInput | None = None) -> str:
         """Queue a request (checked first, see `check`); returns its id. `on_output` is called on
-        the engine thread with every `Output`; the last one has a finish_reason."""
+        the engine thread with every `Output`; the last one has a finish_reason. A VL model's
+        `images` fill the prompt's image tokens, which must be as many as they make."""
         self.check(prompt, params)
+        self.check_images(prompt, images)
         seed = random.getrandbits(32) if params.seed is None else params.seed
         request = _Request(f"req-{next(self._ids)}", list(prompt), params, seed, on_output,
                            TextStream(self.tokenizer, params.stop), time.monotonic(),
                            mask=None if params.constraint is None else params.constraint(),
-                           chain=block_chain(prompt, self.page_size) if self.aligned else [])
+                           chain=block_chain(prompt, self.page_size) if self.aligned and images is None else [],
+                           images=images)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [TokenLogprob(prompt[0], None, None)]
         with self._cond:
@@ -462,7 +492,7 @@ class Engine:
         prefixes, oldest first, when only they keep the pages it needs. None (nothing taken)
         when the pool cannot give them yet."""
         hit = None
-        if self.prefix is not None and request.prompt_logprobs is None:
+        if self.prefix is not None and request.prompt_logprobs is None and request.images is None:
             hit = self.prefix.lookup(request.chain, len(request.prompt))
         shared = [] if hit is None else hit.pages
         need = self.pages_needed(len(request.prompt), request.params.max_tokens) - len(shared)
@@ -541,7 +571,8 @@ class Engine:
                                     self._allowed([r if r.fed + n == len(r.prompt) else None
                                                    for r, n in zip(batch, fed)], rows_n))
         rows = self._fixed_rows([r.slot for r in batch])
-        sampled, scores = _to_host(self.steps.prefill(rows, tokens, mask, active, sampling, targets))
+        images = self._chunk_images(batch, fed, c) if any(r.images is not None for r in batch) else None
+        sampled, scores = _to_host(self.steps.prefill(rows, tokens, mask, active, sampling, targets, images))
         sampled = jax.tree.map(lambda x: x[None], sampled)  # one step of tokens
         for i, (request, n) in enumerate(zip(batch, fed)):
             if request.prompt_logprobs is not None:
@@ -553,10 +584,34 @@ class Engine:
             elif request.decoding:
                 self._accept(request, sampled, i, 1)
 
+    def _chunk_images(self, batch: list[_Request], fed: list[int], c: int) -> tuple[jax.Array, np.ndarray]:
+        """(embeds `[prefill_rows, c, D]`, is_image bool `[prefill_rows, c]`) of the next chunk of
+        each request (its n tokens right-aligned, as in `_prefill`): the image tokens its image
+        positions read; a request's images are run through the vision tower at its first chunk."""
+        image_id = self.vl_config.vision.image_token_index
+        is_image = np.zeros((self.steps.prefill_rows, c), np.bool_)
+        rows = []
+        for i, (request, n) in enumerate(zip(batch, fed)):
+            if request.images is None:
+                rows.append(None)
+                continue
+            if request.features is None:
+                request.features = self.steps.image_features(request.images.pixel_values,
+                                                             request.images.image_sizes)
+                prompt = np.asarray(request.prompt)
+                request.feature_index = np.maximum(np.cumsum(prompt == image_id) - 1, 0).astype(np.int32)
+            index = np.zeros(c, np.int32)
+            index[c - n:] = request.feature_index[request.fed:request.fed + n]
+            is_image[i, c - n:] = np.asarray(request.prompt[request.fed:request.fed + n]) == image_id
+            rows.append(jnp.take(request.features, index, axis=0))
+        zeros = jnp.zeros_like(next(r for r in rows if r is not None))
+        rows += [None] * (self.steps.prefill_rows - len(rows))
+        return jnp.stack([zeros if r is None else r for r in rows]), is_image
+
     def _remember(self, request: _Request) -> None:
         """With the prefix cache on, cache the prefix `request` has read when it ends on a page
         boundary (its pages by reference, a snapshot of its slot's state)."""
-        if self.prefix is None or request.fed % self.page_size or request.fed == 0:
+        if self.prefix is None or request.fed % self.page_size or request.fed == 0 or request.images is not None:
             return
         n = request.fed // self.page_size
         try:

@@ -80,6 +80,28 @@ class TextPart(StrictModel):
     text: str
 
 
+class ImageURL(StrictModel):
+    url: str = Field(description="a data URL (data:image/png;base64,...); http(s) URLs are not fetched")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted; every image is read whole")
+
+
+class ImageURLPart(StrictModel):
+    """An image (VL models), OpenAI's shape."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ImagePart(StrictModel):
+    """An image (VL models), as HF chat messages hold one: `image` is a data URL."""
+
+    type: Literal["image"]
+    image: str
+
+
+UserPart = Annotated[TextPart | ImageURLPart | ImagePart, Field(discriminator="type")]
+
+
 FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 
 
@@ -105,7 +127,7 @@ class SystemMessage(StrictModel):
 
 class UserMessage(StrictModel):
     role: Literal["user"]
-    content: Content
+    content: str | list[UserPart]
     name: str | None = None
 
 

@@ -19,6 +19,7 @@ from minimax_jax.serving.engine import Engine, SamplingParams
 from minimax_jax.serving.metrics import Metrics
 from minimax_jax.serving.tools import chat_format
 from minimax_jax.tokenizer import Tokenizer
+from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration, text_model
 
 
 @dataclasses.dataclass
@@ -32,7 +33,7 @@ class Served:
         self.engine.stop()
 
 
-def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
+def build(model: MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration, tokenizer: Tokenizer, *, model_name: str,
           checkpoint_dir: str | Path | None = None, max_batch: int = 8, max_context: int = 2048,
           prefill_chunk: int = 256, prefill_rows: int = 4, page_size: int = PAGE_SIZE,
           kv_pages: int | None = None, decode_steps: int = 1, prefix_cache_slots: int = 0) -> Served:
@@ -55,7 +56,8 @@ def build(model: MiniMaxForCausalLM, tokenizer: Tokenizer, *, model_name: str,
             engine.generate([0] * length, SamplingParams(max_tokens=1, temperature=0.0))
     engine.reset_prefix_cache()
     app = create_app(engine, tokenizer, model_name=model_name,
-                     chat_template=ChatTemplate.from_dir(checkpoint_dir, chat_format(model.config.model_type)))
+                     chat_template=ChatTemplate.from_dir(checkpoint_dir,
+                                                         chat_format(text_model(model).config.model_type)))
     return Served(engine, app)
 
 

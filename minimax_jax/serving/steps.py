@@ -47,6 +47,7 @@ from minimax_jax.model import MiniMaxForCausalLM
 from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TOP_LOGPROBS, Sampled,
                                           SamplingBatch, SlotState, count_fed, reset_slot, sample_rows,
                                           score_positions, see_prompt)
+from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration, text_model
 
 
 def cache_bytes(cfg: MiniMaxConfig, *, slots: int, pages_per_slot: int, page_size: int,
@@ -91,13 +92,14 @@ class Steps:
     methods (the engine loop's thread).
     """
 
-    def __init__(self, model: MiniMaxForCausalLM, *, slots: int, pages_per_slot: int,
-                 page_size: int, num_pages: int, prefill_rows: int, decode_steps: int = 1,
+    def __init__(self, model: MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration, *, slots: int,
+                 pages_per_slot: int, page_size: int, num_pages: int, prefill_rows: int, decode_steps: int = 1,
                  prefix_snapshots: int = 0):
         graphdef, self.params = nnx.split(model)
+        self.graphdef = graphdef
         self.slots, self.prefill_rows, self.decode_steps = slots, prefill_rows, decode_steps
         self.pages_per_slot, self.page_size, self.num_pages = pages_per_slot, page_size, num_pages
-        self.config = model.config
+        self.config = text_model(model).config
         self.prefix_snapshots = prefix_snapshots
         self.cache, self.state = self._empty()
         self.store = PrefixStore.empty(self.config, prefix_snapshots) if prefix_snapshots else None
@@ -108,11 +110,17 @@ class Steps:
                     reset_slot(state, slot, bias_ids, bias_values, suppress_ids))
 
         def prefill(params, cache: Cache, state: SlotState, rows, tokens, mask, active,
-                    sampling: SamplingBatch, targets):
-            model = nnx.merge(graphdef, params)
+                    sampling: SamplingBatch, targets, images):
+            vl = nnx.merge(graphdef, params)
+            model = text_model(vl)
             sub = take_rows(cache, rows)
-            h, new_sub, _ = model.hidden_states(tokens, attention_mask=mask,
-                                                cache=drop_writes(sub, active))
+            if images is None:
+                h, runner = tokens, model
+            else:  # image tokens: their embeddings replace the token embeddings
+                embeds, is_image = images
+                h = jnp.where(is_image[..., None], embeds.astype(model.config.dtype), model.embed(tokens))
+                runner = vl
+            h, new_sub, _ = runner.hidden_states(h, attention_mask=mask, cache=drop_writes(sub, active))
             new = put_rows(cache, rows, keep_rows(active, new_sub, sub))
             state = see_prompt(state, rows, tokens, mask * active[:, None])
             sampled = sample_rows(model.logits(h[:, -1:])[:, 0], sampling, state.take(rows))
@@ -121,7 +129,7 @@ class Steps:
 
         def decode_loop(params, cache: Cache, state: SlotState, tokens, budget, protect_rows, protect,
                         sampling: SamplingBatch, *, steps: int):
-            model = nnx.merge(graphdef, params)
+            model = text_model(nnx.merge(graphdef, params))
             saved = take_rows(cache, protect_rows)
             b = tokens.shape[0]
             out = Sampled(jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), jnp.float32),
@@ -198,14 +206,22 @@ class Steps:
                                              bias_values, suppress_ids)
 
     def prefill(self, rows, tokens, mask, active, sampling: SamplingBatch,
-                targets=None) -> tuple[Sampled, Sampled | None]:
+                targets=None, images=None) -> tuple[Sampled, Sampled | None]:
         """Append int32 tokens `[R, C]` (mask `[R, C]`: 0 = padding, only on the left of a prompt's
         first chunk) to the distinct slots `rows` int32 `[R]` where active bool `[R]`; returns
         the samples `[R]` after each chunk's last token, and with int32 targets `[R, C]` (the
-        token after each position) their scores `[R, C]` (see `score_positions`), else None."""
+        token after each position) their scores `[R, C]` (see `score_positions`), else None.
+        A VL model's images: (embeds `[R, C, D]`, is_image bool `[R, C]`), the embeddings read
+        instead of the tokens' where is_image (its image tokens), or None."""
         self.cache, self.state, out, scores = self._prefill(
-            self.params, self.cache, self.state, rows, tokens, mask, active, sampling, targets)
+            self.params, self.cache, self.state, rows, tokens, mask, active, sampling, targets, images)
         return out, scores
+
+    def image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> jax.Array:
+        """A VL model's image tokens `[n, D]` of one prompt's images (see
+        `MiniMaxVLForConditionalGeneration.image_features`)."""
+        model = nnx.merge(self.graphdef, self.params)
+        return model.image_features(jnp.asarray(pixel_values), image_sizes)
 
     def decode(self, tokens, running, protect_rows, protect, sampling: SamplingBatch) -> Sampled:
         """Feed int32 tokens `[B]` to all slots; only slots with running bool `[B]` write K/V, and
