@@ -37,8 +37,8 @@ class ScriptedOutput:
                 token[row] = self.ids[min(len(request.generated), len(self.ids) - 1)]
         return dataclasses.replace(sampled, token=token)
 
-    def prefill(self, rows, tokens, mask, active, sampling, targets=None):
-        sampled, scores = self._prefill(rows, tokens, mask, active, sampling, targets)
+    def prefill(self, rows, tokens, mask, active, sampling, targets=None, images=None):
+        sampled, scores = self._prefill(rows, tokens, mask, active, sampling, targets, images)
         return self._force(sampled, np.asarray(rows)), scores
 
     def decode(self, tokens, running, protect_rows, protect, sampling):
