@@ -102,8 +102,8 @@ def test_score_positions_is_exact_over_several_blocks(monkeypatch):
 def test_ordinary_requests_never_score_the_prompt(served):
     steps = served.engine.steps
     real, scored = steps.prefill, []
-    steps.prefill = lambda rows, tokens, mask, active, sampling, targets=None: (
-        scored.append(targets is not None), real(rows, tokens, mask, active, sampling, targets))[1]
+    steps.prefill = lambda rows, tokens, mask, active, sampling, targets=None, images=None: (
+        scored.append(targets is not None), real(rows, tokens, mask, active, sampling, targets, images))[1]
     try:
         served.engine.generate(TOK.encode(TEXT), SamplingParams(max_tokens=3, temperature=0.0, logprobs=5))
         assert scored == [False] * 3
