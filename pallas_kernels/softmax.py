@@ -12,8 +12,10 @@ segment ids through cuDNN's packed form where its backward workspace fits, see
 ``softmax_tpu``; chosen where the program is lowered, by ``lax.platform_dependent``, so a program
 compiled ahead of time for a TPU takes it too, and "xla" elsewhere), "xla" (blockwise flash-style
 XLA, memory linear in T and S in forward and backward, any backend), "reference" (all scores at
-once; the oracle) and "auto" (cuDNN where it supports the call, splash on TPU, else "xla"). A call
-an implementation does not support falls back to "xla".
+once; the oracle), "pallas" (for ``paged_softmax_attention`` of one query token per row: the
+Mosaic GPU decode kernel of ``softmax_gpu`` on Hopper, reading pages in place; self-attention
+takes "xla") and "auto" (cuDNN where it supports the call, splash on TPU, else "xla"). A call an
+implementation does not support falls back to "xla".
 Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
 q_offset) other than "reference" runs as ring attention over that axis (``sharding.softmax``,
 the "xla" form per block); T must then be a multiple of P (of 2P in zigzag order, which balances
@@ -26,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import softmax_cudnn, softmax_tpu
+from pallas_kernels import softmax_cudnn, softmax_gpu, softmax_tpu
+from pallas_kernels.device import can_run_mosaic, run_manual
 from pallas_kernels.reference import softmax_attention_reference
 from pallas_kernels.softmax_xla import attention_xla, paged_attention_xla
 from sharding.tokens import sequence_shards, zigzag_order
 from sharding.softmax import softmax_attention_ring
 
-SOFTMAX_IMPLS = ("auto", "cudnn", "splash", "xla", "reference")
+SOFTMAX_IMPLS = ("auto", "cudnn", "splash", "pallas", "xla", "reference")
 BLOCK_Q = 512  # query rows per block of the "xla" form
 BLOCK_K = 512  # key slots per block of the "xla" form
 
@@ -133,8 +136,10 @@ def paged_softmax_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax
     b's key slot s is offset s % Z of page page_table[b, s // Z] (S = R * Z slots; entries out of
     range read some page, which the mask must hide through kv_segment_ids ``[B, S]``). Pages are
     read block by block through the table, never gathered whole. "reference" gathers all pages
-    and runs the reference; every other impl runs the blockwise XLA form (blocks block_q query
-    rows by block_k key slots, rounded down to whole pages). Returns ``[B, T, H, K]`` in q's dtype.
+    and runs the reference; "pallas" runs the Mosaic GPU decode kernel where it supports the call
+    (``softmax_gpu.supports``: Hopper, T 1, pages in q's 16-bit dtype; outside a mesh or on a
+    mesh of one device); every other call runs the blockwise XLA form (blocks block_q query rows
+    by block_k key slots, rounded down to whole pages). Returns ``[B, T, H, K]`` in q's dtype.
     """
     if key_pages.ndim != 4 or page_table.ndim != 2:
         raise ValueError(f"key_pages must be [P, Z, N, K] and page_table [B, R], got shapes "
@@ -150,6 +155,9 @@ def paged_softmax_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax
                 for x in (key_pages, value_pages))
         return softmax_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids,
                                            kv_segment_ids, offset)
+    if impl == "pallas" and softmax_gpu.supports(q, key_pages) and can_run_mosaic():
+        return run_manual(softmax_gpu.paged_decode_attention, (q, key_pages, value_pages, page_table,
+                                                              q_segment_ids, kv_segment_ids, offset))
     return paged_attention_xla(q, key_pages, value_pages, page_table, q_segment_ids,
                                kv_segment_ids, offset, block_q=block_q or BLOCK_Q,
                                block_k=block_k or BLOCK_K)

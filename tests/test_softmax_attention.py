@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_softmax_attention, softmax_attention
+from pallas_kernels.softmax_gpu import BLOCK_KV, paged_decode_attention
 from pallas_kernels.softmax_cudnn import (MAX_SEGMENTS, PACKED_WORKSPACE_BYTES, packed_plan,
                                            packed_segments)
 
@@ -139,6 +140,62 @@ def test_paged_equals_contiguous_with_stale_pages(rng, block_k):
                   np.asarray(off))
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+# The decode kernel (Pallas GPU interpret mode) on bf16 inputs against the float64 oracle of the
+# same bf16 values: its softmax weights enter p @ v rounded to bf16 (relative 2**-9 each) and the
+# output is rounded to bf16, so outputs (|o| <= max |v| ~ 4) stay within 1e-2 of max |o|.
+DECODE_CASES = {  # b, h, n, d, page size, pages per row, offsets, segments, splits
+    "gqa4-segments": (2, 8, 2, 64, 16, 24, [300, 37], True, None),
+    "mha-page32-one-split": (1, 2, 2, 128, 32, 24, [700], False, 1),  # 6 blocks through 3 stages
+    "edges": (3, 4, 1, 64, 16, 16, [0, 255, 128], True, None),  # first slot only; last; block start
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_paged_decode_kernel_matches_float64(rng, case):
+    """Pages shuffled through the pool, table entries past the query NO_PAGE, spare and masked
+    slots full of large stale values; with segments, a row whose query sees no key gets 0."""
+    b, h, n, d, z, r, offsets, segments, splits = DECODE_CASES[case]
+    s, spare = r * z, 3
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(rng, b, 1, s, h, n, d))
+    table = rng.permutation(b * r + spare)[:b * r].reshape(b, r).astype(np.int32)
+    off = np.asarray(offsets, np.int32)
+    if segments:
+        kv_seg = rng.integers(0, 2, (b, s)).astype(np.int32)
+        q_seg = kv_seg[np.arange(b), off][:, None].copy()
+        if b > 2:
+            q_seg[2] = 7  # no key of segment 7
+    visible = np.arange(s)[None] <= off[:, None]
+    if segments:
+        visible &= kv_seg == q_seg
+    pools = []
+    for x in (k, v):
+        pool = np.full((b * r + spare, z, n, d), 1e4, np.float32)
+        rows = np.where(visible[:, :, None, None], np.asarray(x, np.float32), 1e4)
+        pool[table.reshape(-1)] = rows.reshape(b * r, z, n, d)
+        pools.append(jnp.asarray(pool, jnp.bfloat16))
+    table = np.where(np.arange(r)[None] * z > off[:, None], np.iinfo(np.int32).max, table)
+    seg = (jnp.asarray(q_seg), jnp.asarray(kv_seg)) if segments else (None, None)
+    got = paged_decode_attention(q, *pools, jnp.asarray(table), *seg, jnp.asarray(off),
+                                 splits=splits, interpret=True)
+    want = oracle(np.asarray(q, np.float32), np.asarray(k, np.float32), np.asarray(v, np.float32),
+                  None if not segments else q_seg, None if not segments else kv_seg, off)
+    assert got.shape == (b, 1, h, d) and got.dtype == jnp.bfloat16
+    tol = 1e-2 * np.max(np.abs(want))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=tol)
+    if segments and b > 2:
+        assert np.all(np.asarray(got)[2] == 0)
+
+
+def test_paged_decode_request_off_hopper_falls_back(rng):
+    b, h, n, d, z, r = 2, 4, 2, 64, 16, BLOCK_KV // 16
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(rng, b, 1, r * z, h, n, d))
+    pools = [x.reshape(b * r, z, n, d) for x in (k, v)]
+    table = jnp.arange(b * r, dtype=jnp.int32).reshape(b, r)
+    args = dict(q_offset=jnp.asarray([5, 100], jnp.int32))
+    np.testing.assert_array_equal(paged_softmax_attention(q, *pools, table, **args, impl="pallas"),
+                                  paged_softmax_attention(q, *pools, table, **args, impl="xla"))
 
 
 def test_memory_is_linear_in_sequence_length():
