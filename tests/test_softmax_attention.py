@@ -10,8 +10,8 @@ import pytest
 
 from pallas_kernels import paged_softmax_attention, softmax_attention
 from pallas_kernels.softmax_gpu import BLOCK_KV, paged_decode_attention
-from pallas_kernels.softmax_cudnn import (MAX_SEGMENTS, PACKED_WORKSPACE_BYTES, packed_plan,
-                                           packed_segments)
+from pallas_kernels.softmax_cudnn import (MAX_CALL_ELEMENTS, MAX_SEGMENTS, PACKED_WORKSPACE_BYTES,
+                                           by_head_groups, head_groups, packed_plan, packed_segments)
 
 # float32 blockwise against float64: each output is a convex combination of values (|v| ~ 1) with
 # weights from float32 exponentials, and each gradient sums at most S terms of that size; sums of
@@ -226,19 +226,45 @@ def test_packed_segments_describe_runs():
                                       ((2, 16384, 8, 128), 2), ((1, 1 << 20, 8, 128), 2),
                                       ((1, 1 << 22, 64, 128), 8)])
 def test_packed_plan_keeps_the_workspace_bound(shape, n):
-    """The fewest kv-head groups whose per-call backward workspace, (2 M + 1) * B * T * H/g * K
-    float32, stays within the bound for MAX_SEGMENTS per row, or the finest grouping's most."""
+    """The fewest head groups whose per-call backward workspace, (2 M + 1) * B * T * H/g * K
+    float32, stays within the bound for MAX_SEGMENTS per row, or the finest grouping's most
+    (one query head per call), every operand of a call within MAX_CALL_ELEMENTS."""
     b, t, h, k = shape
     segments, groups = packed_plan(jax.ShapeDtypeStruct(shape, jnp.bfloat16), n)
     workspace = lambda m, g: (2 * m + 1) * b * t * (h // g) * k * 4
-    assert n % groups == 0 and segments <= MAX_SEGMENTS * b
+    assert h % groups == 0 and (n % groups == 0 or groups % n == 0)
+    assert segments <= MAX_SEGMENTS * b and b * t * (h // groups) * k <= MAX_CALL_ELEMENTS
     if segments:
         assert workspace(segments, groups) <= PACKED_WORKSPACE_BYTES
     if segments == MAX_SEGMENTS * b:  # no coarser grouping reaches the full table
-        assert all(workspace(segments, g) > PACKED_WORKSPACE_BYTES
-                   for g in range(1, groups) if n % g == 0)
+        assert all(workspace(segments, g) > PACKED_WORKSPACE_BYTES or b * t * (h // g) * k > MAX_CALL_ELEMENTS
+                   for g in range(1, groups) if h % g == 0 and (n % g == 0 or g % n == 0))
     else:  # the finest grouping, and one more segment would not fit
-        assert groups == n and workspace(segments + 1, groups) > PACKED_WORKSPACE_BYTES
+        assert groups == h and workspace(segments + 1, groups) > PACKED_WORKSPACE_BYTES
+
+
+@pytest.mark.parametrize("shape, n, groups", [
+    ((1, 1 << 20, 4, 128), 1, 1),  # 2**29 elements a call: one call
+    ((1, 1 << 22, 4, 128), 1, 2),  # the 4M-token prompt: 2**31 elements at once, 2**30 in two calls
+    ((1, 1 << 20, 64, 128), 8, 8),  # 2**33: 8 calls of 8 query heads and their kv head
+    ((1, 1 << 23, 8, 128), 2, 8),  # 2**30 a head: 8 calls of one query head sharing a kv head
+    ((1, 1 << 24, 2, 128), 1, 0),  # 2**31 elements with one head a call: cuDNN cannot take it
+])
+def test_head_groups_keep_each_call_within_32_bit_offsets(shape, n, groups):
+    assert head_groups(jax.ShapeDtypeStruct(shape, jnp.bfloat16), n) == groups
+
+
+@pytest.mark.parametrize("h, n, groups", [(8, 4, 2), (8, 2, 4), (8, 1, 8), (4, 4, 4)])
+def test_attention_by_head_groups_equals_one_call(rng, h, n, groups):
+    """Groups of query heads with their own kv heads (groups dividing N) or sharing one (groups a
+    multiple of N) give the one-call result exactly, values and gradients."""
+    q, k, v, do = _inputs(rng, 2, 12, 12, h, n, 8)
+    call = lambda q, k, v: softmax_attention(q, k, v, impl="reference")  # noqa: E731
+    loss = lambda f: lambda *x: jnp.sum(f(*x) * do)  # noqa: E731
+    grouped = lambda q, k, v: by_head_groups(call, q, k, v, groups)  # noqa: E731
+    np.testing.assert_array_equal(grouped(q, k, v), call(q, k, v))
+    for got, want in zip(jax.grad(loss(grouped), (0, 1, 2))(q, k, v), jax.grad(loss(call), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
 def test_cudnn_request_off_hopper_falls_back(rng):
