@@ -408,10 +408,11 @@ def test_killed_conversion_leaves_nothing_loadable(many_shards, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD, "--hf-dir", str(big), "--out", str(out), "--no-progress"],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "SLOW_WRITES": "1"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(
+    # killed once it has written 20 blocks, however long its start takes on a loaded machine
+    while child.poll() is None and not any(
             len(list(p.rglob("0.*"))) > 20 for p in tmp_path.glob(".ckpt.partial-*")):
         time.sleep(0.05)
+    assert child.poll() is None, "the conversion ended before it could be killed mid-write"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     partial = list(tmp_path.glob(".ckpt.partial-*"))
@@ -574,11 +575,10 @@ def test_broken_orbax_checkpoints_raise_checkpoint_errors_naming_the_file(dirs, 
 
 
 def test_a_model_larger_than_the_memory_is_refused_before_loading(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(MiniMaxConfig().to_hf_config()))  # MiniMax-Text-01, no weights
-    start = time.monotonic()
+    # MiniMax-Text-01's config and no weights: the memory check speaks before any file is looked for
+    (tmp_path / "config.json").write_text(json.dumps(MiniMaxConfig().to_hf_config()))
     with pytest.raises(ConfigError, match=r"loading the 80-layer model .* needs 849\.\d GiB but .* GiB are available"):
         load_model(tmp_path, dtype="bfloat16")
-    assert time.monotonic() - start < 10
 
 
 def test_checksums_hold_whatever_blocks_the_bytes_arrive_in(rng, monkeypatch):

@@ -257,7 +257,7 @@ def test_a_client_that_disconnects_frees_its_slot_and_pages(served):
             next(r.iter_lines())
         with pytest.raises(httpx.ReadTimeout):  # non-streaming: give up while it is generating
             httpx.post(served.url + "/v1/completions", json=body, timeout=0.5)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120  # a liveness bound, generous for a loaded machine
         pool = served.engine.pages.num_pages
         while (metrics.running_slots or metrics.finished["abort"] < aborts + 2
                or metrics.kv_pages_used or metrics.kv_pages_free != pool):

@@ -202,7 +202,7 @@ def test_abort_frees_the_slot(engine):
                         lambda o: (outputs.append(o), first.set()))
     assert first.wait(30)
     engine.abort(rid)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # a liveness bound, generous for a loaded machine
     while not (outputs[-1].finish_reason and engine.metrics.running_slots == 0):
         assert time.monotonic() < deadline, "the aborted request kept its slot"
         time.sleep(0.01)
