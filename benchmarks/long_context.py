@@ -9,9 +9,10 @@ prompt through the serving engine.
     process of its own (so each peak memory is its own and an out-of-memory error ends only that
     row; XLA may take 95% of the device's memory): one compiled `train_step` on packed rows of documents (mean length seq_len / 8), timed
     over a few steps (median); tokens/s, MFU, peak device memory; then the step split by layer
-    kind, from the ops timed alone at the step's shapes: lightning attention, softmax attention
-    and the MoE layer (each counted as forward + forward-and-backward, what remat runs), the rest
-    being everything else (projections, norms, loss, optimizer).
+    kind, from the ops timed alone at the step's shapes (`benchmarks/step_timing.py`): lightning
+    attention, softmax attention and the MoE layer (each counted as forward-and-backward, plus a
+    second forward with remat), the rest being everything else (projections, norms, loss,
+    optimizer).
 --prefill: for each prompt length, the width-reduced config of benchmarks/serve.py's long-prompt
     run (hidden 512, 4 heads, 1 KV head, 16 layers) through the engine in one prefill chunk, then
     16 greedy decoded tokens: prefill seconds (to the first token; the prompt's second run, the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,16 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PREFILL_OVERRIDES = ["hidden_size=512", "num_attention_heads=4", "num_key_value_heads=1",
                      "intermediate_size=512", "max_position_embeddings=4200000"]
-
-
-def _median_time(fn, n: int) -> float:
-    """Median seconds of n calls of fn (which blocks until its result is ready)."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def packed_batch(seq_len: int, vocab: int, batch: int, docs: int = 8) -> dict[str, np.ndarray]:
@@ -73,89 +63,21 @@ def packed_row(seq_len: int, vocab: int, seed: int, docs: int) -> dict[str, np.n
 def train_row(seq_len: int, batch_size: int, steps: int, docs: int) -> dict:
     """Time one training step of batch_size rows of seq_len (see the module docstring; remat from
     seq_len 32,768 on); runs in its own process."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import pallas_kernels
-    from minimax_jax import MiniMaxForCausalLM
-    from minimax_jax.moe import SparseMoE
+    from benchmarks.step_timing import compile_train_step, layer_split, measure_step
     from minimax_jax.training.config import load_train_config
-    from minimax_jax.training.metrics import peak_flops, train_flops_per_token
-    from minimax_jax.training.optimizer import make_optimizer
-    from minimax_jax.training.step import TrainState, train_step
 
     remat = "true" if seq_len >= 32768 else "false"
     tcfg, mcfg = load_train_config("configs/small.yaml", [f"seq_len={seq_len}", f"batch_size={batch_size}",
                                                           f"model.remat={remat}"])
-    model = MiniMaxForCausalLM(mcfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(tcfg)
-    state = TrainState(params=params, opt_state=jax.jit(optimizer.init)(params),
-                       step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(0)))
-    batch = jax.device_put(packed_batch(seq_len, mcfg.vocab_size, batch_size, docs))
-    print(f"seq_len {seq_len}: compiling the training step", flush=True)
-    t0 = time.perf_counter()
-    step = train_step.lower(state, batch, graphdef=graphdef, optimizer=optimizer, grad_accum=1,
-                            aux_coef=mcfg.router_aux_loss_coef).compile()
-    memory = step.memory_analysis()
-    compiled_gib = {"temp_gib": memory.temp_size_in_bytes / 2**30,
-                    "arguments_gib": memory.argument_size_in_bytes / 2**30}
-    print(f"seq_len {seq_len}: the compiled step needs {compiled_gib['temp_gib']:.1f} GiB of "
-          f"temporaries beside {compiled_gib['arguments_gib']:.1f} GiB of arguments", flush=True)
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics["loss"])
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    peak_gib = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
-    flops, peak = train_flops_per_token(mcfg, seq_len), peak_flops()
-    tokens = seq_len * batch_size
-    row = {"seq_len": seq_len, "batch": batch_size, "docs_per_row": docs, "remat": remat == "true", "step_s": step_s,
-           "tokens_per_s": tokens / step_s,
-           "mfu": None if peak is None else flops * tokens / step_s / peak, "peak_gib": peak_gib,
-           "compile_s": compile_s, **compiled_gib, "loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
-    print(f"seq_len {seq_len}: step {step_s:.3f} s, peak {peak_gib:.1f} GiB; timing the ops alone", flush=True)
-    del state
-
-    h, n, k, d = mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim, mcfg.hidden_size
-    keys = jax.random.split(jax.random.key(1), 4)
-    bf = jnp.bfloat16
-    seg = jnp.asarray(batch["segment_ids"][:, :-1])
-    q = jax.random.normal(keys[0], (batch_size, seq_len, h, k), bf)
-    kk = jax.random.normal(keys[1], (batch_size, seq_len, n, k), bf)
-    vv = jax.random.normal(keys[2], (batch_size, seq_len, n, k), bf)
-    slopes = jnp.asarray(mcfg.slopes()[0], jnp.float32)
-
-    def op_times(f, *args) -> tuple[float, float]:
-        fwd = jax.jit(f)
-        grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=tuple(range(len(args)))))
-        jax.block_until_ready(fwd(*args))
-        jax.block_until_ready(grad(*args))
-        reps = 3 if seq_len < 524288 else 1  # the longest rows' ops take tens of seconds
-        return (_median_time(lambda: jax.block_until_ready(fwd(*args)), reps),
-                _median_time(lambda: jax.block_until_ready(grad(*args)), reps))
-
-    lin = lambda q, k, v: pallas_kernels.lightning_attention(q, k, v, slopes, segment_ids=seg)[0]
-    lin_in = [jax.nn.silu(jax.random.normal(key, (batch_size, seq_len, h, k), bf)) for key in keys[:3]]
-    lin_f, lin_fb = op_times(lin, *lin_in)
-    sm = lambda q, k, v: pallas_kernels.softmax_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
-    sm_f, sm_fb = op_times(sm, q, kk, vv)
-    moe_layer = SparseMoE(mcfg, rngs=nnx.Rngs(2))
-    moe_def, moe_params = nnx.split(moe_layer)
-    x = jax.random.normal(keys[3], (batch_size, seq_len, d), bf)
-    moe = lambda x, p: nnx.merge(moe_def, p)(x)[0]
-    moe_f, moe_fb = op_times(moe, x, moe_params)
-    n_lin = sum(t == "linear_attention" for t in mcfg.layer_types)
-    n_full = mcfg.num_hidden_layers - n_lin
-    split = {"lightning_s": n_lin * (lin_f + lin_fb), "softmax_s": n_full * (sm_f + sm_fb),
-             "moe_s": mcfg.num_hidden_layers * (moe_f + moe_fb)}
-    split["rest_s"] = step_s - sum(split.values())
+    batch = packed_batch(seq_len, mcfg.vocab_size, batch_size, docs)
+    step, info = compile_train_step(tcfg, mcfg, batch, lambda msg: print(f"seq_len {seq_len}: {msg}", flush=True))
+    row = {"seq_len": seq_len, "batch": batch_size, "docs_per_row": docs, "remat": remat == "true", **info,
+           **measure_step(step, mcfg, steps)}
+    print(f"seq_len {seq_len}: step {row['step_s']:.3f} s, peak {row['peak_gib']:.1f} GiB; timing the ops alone",
+          flush=True)
+    del step
+    reps = 3 if seq_len < 524288 else 1  # the longest rows' ops take tens of seconds
+    split = layer_split(mcfg, batch["segment_ids"][:, :-1], row["step_s"], reps)
     row.update(split)
     row["lightning_us_per_token"] = 1e6 * split["lightning_s"] / seq_len
     return row
@@ -232,24 +154,12 @@ def prefill_row(n_tokens: int, save, new_tokens: int = 16) -> dict:
 
 def run_child(kind: str, size: str, out: str, timeout: float, steps: int, docs: int) -> dict:
     """Run one row in a fresh process; its result, or the error it ended with."""
+    from benchmarks.step_timing import run_child as run_process
+
     rows_dir = tempfile.mkdtemp()
-    path = os.path.join(rows_dir, f"long_{kind}_{size}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, size, "--out", rows_dir,
-           "--steps", str(steps), "--docs", str(docs)]
-    with tempfile.TemporaryFile("w+") as err:
-        try:  # the child's progress goes straight to our stdout
-            proc = subprocess.run(cmd, timeout=timeout, stderr=err, text=True)
-            failed = "" if proc.returncode == 0 else "exit status %d" % proc.returncode
-        except subprocess.TimeoutExpired:
-            failed = f"over {timeout:.0f} s"
-        err.seek(0)
-        tail = err.read().strip().splitlines()[-3:]
-    row = {}
-    if os.path.exists(path):  # a row cut short keeps the phases it saved
-        with open(path) as f:
-            row = json.load(f)
-    if failed or not row:
-        row.update(error=" | ".join([failed or "no result", *tail]))
+    row = run_process(os.path.abspath(__file__), ["--child", kind, size, "--out", rows_dir, "--steps", str(steps),
+                                                  "--docs", str(docs)],
+                      os.path.join(rows_dir, f"long_{kind}_{size}.json"), timeout)
     return {"kind": kind, "size": size, **row}
 
 

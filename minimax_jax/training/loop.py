@@ -143,6 +143,15 @@ def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Me
     return model
 
 
+def split_trainable(model: MiniMaxForCausalLM, lcfg: lora.LoraConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None]:
+    """(graphdef, the params that train, the frozen rest): with LoRA the adapters train and the
+    base is frozen; without, every param trains and nothing is frozen (None)."""
+    if lcfg.enabled:
+        return nnx.split(model, lora.LoraParam, ...)
+    graphdef, params = nnx.split(model)
+    return graphdef, params, None
+
+
 def evaluate(params, graphdef, batches, frozen=None) -> float:
     """Mean validation cross-entropy (nats per target token) over `batches` (`frozen`: the
     frozen base of a LoRA run, or None)."""
@@ -201,10 +210,7 @@ def run(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, verify: bool = True,
     log.info("data: %s", data.summary)
 
     lcfg = tcfg.lora_settings
-    if lcfg.enabled:
-        graphdef, params, frozen = nnx.split(model, lora.LoraParam, ...)
-    else:
-        (graphdef, params), frozen = nnx.split(model), None
+    graphdef, params, frozen = split_trainable(model, lcfg)
     place_batch = lambda batch: batch  # noqa: E731 - single device: batches go as they are
     mesh_scope = contextlib.nullcontext  # the steps run under the mesh, so the ops see it
     replicated = None
