@@ -16,7 +16,8 @@ prompt through the serving engine.
 --prefill: for each prompt length, the width-reduced config of benchmarks/serve.py's long-prompt
     run (hidden 512, 4 heads, 1 KV head, 16 layers) through the engine in one prefill chunk, then
     16 greedy decoded tokens: prefill seconds (to the first token; the prompt's second run, the
-    first compiles), ms per decoded token after it, peak memory. Progress lines show each phase.
+    first compiles), ms per decoded token after it, peak memory. Progress lines show each phase
+    and each XLA compilation as it ends (the row's "compiles": program name, seconds).
 Results: one JSON line per row on stdout, all rows in --out/long_context.json.
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's name
 PREFILL_OVERRIDES = ["hidden_size=512", "num_attention_heads=4", "num_key_value_heads=1",
                      "intermediate_size=512", "max_position_embeddings=4200000"]
 
@@ -108,6 +110,15 @@ def prefill_row(n_tokens: int, save, new_tokens: int = 16) -> dict:
 
     def log(msg: str) -> None:
         print(f"prompt {n_tokens} [{time.perf_counter() - t_start:.0f} s]: {msg}", flush=True)
+
+    def compiled(event: str, seconds: float, **info) -> None:
+        """Each XLA compilation as it ends, so a phase that never returns shows whether its
+        program compiled (and in how long) or its run is what takes the time."""
+        if event == BACKEND_COMPILE_EVENT:
+            row.setdefault("compiles", []).append([str(info.get("fun_name", "?")), seconds])
+            log(f"compiled {info.get('fun_name', '?')} in {seconds:.1f} s")
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
 
     def timed_prompt() -> tuple[float, float, int]:
         """(seconds to the first token, ms per decoded token after it, tokens decoded)."""
