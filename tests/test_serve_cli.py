@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path):
-    r = subprocess.run([sys.executable, str(SERVE)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(SERVE)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: no checkpoint at runs/tiny/model; train one with "
@@ -53,7 +53,7 @@ def test_serves_a_saved_checkpoint(checkpoint):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900  # a liveness bound: start-up compiles the engine's steps
         while True:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "server did not come up"
@@ -68,7 +68,12 @@ def test_serves_a_saved_checkpoint(checkpoint):
         assert r.usage.completion_tokens == 3 or r.choices[0].finish_reason == "stop"
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # a server that ignores the interrupt is a failure, never left running
+            code = proc.wait()
+        assert code == 0
 
 
 def test_a_cache_larger_than_memory_is_refused_in_one_line(checkpoint):
@@ -80,11 +85,11 @@ def test_a_cache_larger_than_memory_is_refused_in_one_line(checkpoint):
     pages = -(-(1 << 40) // per_page)
     cmd = [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--page-size", "8",
            "--kv-pages", str(pages)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(
         rf"error: the cache of 8 slots and {pages} K/V pages of 8 tokens needs [0-9.]+ GiB but "
         r"[0-9.]+ GiB are available on this host; .*", lines[0]), lines
-    r = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "Traceback" in r.stderr
