@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from minimax_jax import quant
@@ -51,6 +52,7 @@ from minimax_jax.tokenizer import (BYTE_TOKENIZER_FILE, HF_CONFIG_FILE, HF_TOKEN
 from minimax_jax.vision.config import MiniMaxVLConfig, read_model_config
 from minimax_jax.vision.hf_names import detect_text_layout, hf_entries, text_name
 from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration
+from sharding.mesh import local_devices_first, param_shardings, placed_bytes
 
 STATE_DIR = "state"
 MARKER = "COMPLETE"
@@ -585,22 +587,30 @@ def quantized_layout(shapes: dict[ParamPath, tuple[int, ...]], dtypes: dict[Para
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str | None = None,
-               verify: bool = True, allow_non_finite: bool = False
+               verify: bool = True, allow_non_finite: bool = False, mesh: Mesh | None = None
                ) -> MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration:
     """Load a `MiniMaxForCausalLM` (a `MiniMaxVLForConditionalGeneration` for a MiniMax-VL-01
     checkpoint: `config.json` with a `vision_config`) from an HF directory or one of our Orbax
     checkpoints.
 
     Params are cast to `dtype` ("float32" | "bfloat16" | "float16"), which also becomes the
-    config's `dtype` and `param_dtype`; they live on the default device. `quantize` ("int8" |
-    "fp8") quantizes the expert and attention projections as they are read (`quant`: values with
-    float32 scales per output channel, quantized from the checkpoint's own values); the rest keep
-    `dtype`. A quantized checkpoint loads quantized as stored (quantize None or its own mode).
-    Calling the model as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`. Our
-    checkpoints' params are checked against their checksums.json unless `verify=False`; NaN / Inf
-    in any param is refused unless `allow_non_finite`. A broken checkpoint is a CheckpointError
-    naming the file (a ConfigError for its config.json, or when the params cannot fit in the
-    device memory); an unknown `quantize` is a ValueError listing the valid ones.
+    config's `dtype` and `param_dtype`; they live on the default device, or with a `mesh` split
+    over it as `sharding.param_shardings` places them (their logical axes through the rules):
+    each param is read on the host, put straight into its shards (every device receives only its
+    own) and its host copy dropped before the next, so the whole model never sits on one device
+    (`jax.make_array_from_callback`, which also serves a multi-process mesh). `quantize` ("int8"
+    | "fp8") quantizes the expert and attention projections as they are read (`quant`: values
+    with float32 scales per output channel, quantized from the checkpoint's own values; on a
+    mesh each weight is quantized in its shards, values and scales placed like the other params);
+    the rest keep `dtype`. A quantized checkpoint loads quantized as stored (quantize None or its
+    own mode). Calling the model as `model(input_ids [B, T])` gives float32 logits `[B, T, V]`
+    (under `jax.set_mesh(mesh)` for a model on a mesh). Our checkpoints' params are checked
+    against their checksums.json unless `verify=False`; NaN / Inf in any param is refused unless
+    `allow_non_finite`. A broken checkpoint is a CheckpointError naming the file (a ConfigError
+    for its config.json, or when the params cannot fit in the device memory: one device's, or on
+    a mesh each device's shards against its devices); an unknown `quantize` is a ValueError
+    listing the valid ones, a mesh axis that does not divide the dimension it splits a ValueError
+    naming the param.
     """
     path = Path(path)
     target = parse_dtype(dtype)
@@ -622,14 +632,21 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str
     model = nnx.eval_shape(create if mode is None else lambda: quant.quantize_model(create(), mode))
     abstract = nnx.state(model, nnx.Param)
     shapes, dtypes = quantized_layout(float_shapes, {p: target for p in float_shapes}, mode)
-    require_memory(sum(math.prod(s) * dtypes[p].itemsize for p, s in shapes.items()),
-                   f"loading the {cfg.num_hidden_layers}-layer model in {path} as {dtype}"
-                   + (f" with {mode} weights" if mode else ""))
+    what = (f"loading the {cfg.num_hidden_layers}-layer model in {path} as {dtype}"
+            + (f" with {mode} weights" if mode else ""))
+    if mesh is None:
+        shardings = None
+        require_memory(sum(math.prod(s) * dtypes[p].itemsize for p, s in shapes.items()), what)
+    else:
+        shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh)))
+        require_memory(placed_bytes([jax.ShapeDtypeStruct(s, dtypes[p]) for p, s in shapes.items()],
+                                    [shardings[p] for p in shapes]),
+                       f"{what} on mesh {dict(mesh.shape)}", local_devices_first(mesh))
     if stored_mode is not None:
-        arrays = _read_orbax(path, shapes, dtypes, verify, allow_non_finite)
+        arrays = _read_orbax(path, shapes, dtypes, verify, allow_non_finite, shardings=shardings)
     elif orbax:
         arrays = _read_orbax(path, float_shapes, {p: target for p in float_shapes}, verify,
-                             allow_non_finite, quantize)
+                             allow_non_finite, quantize, shardings)
     else:
         exact = {p: np.dtype(np.float32) for p, s in float_shapes.items() if quant.stored_param(p, s, mode)}
         plan = HFPlan(path, cfg, target, exact)
@@ -638,7 +655,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str
             blocks[entry.path][entry.index] = block
         arrays = {}
         for p in plan.shapes:
-            arrays.update(_as_loaded(p, blocks.pop(p), target, mode))
+            arrays.update(_as_loaded(p, blocks.pop(p), target, mode, shardings))
     state = nnx.from_flat_state(
         [(p, v.replace(jnp.asarray(arrays.pop(p)))) for p, v in nnx.to_flat_state(abstract)]
     )
@@ -646,23 +663,37 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", quantize: str
     return model
 
 
-def _as_loaded(path: ParamPath, array: np.ndarray, dtype: np.dtype,
-               mode: str | None) -> dict[ParamPath, jax.Array]:
+def _place(host: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
+    """A host array on the default device (sharding None), or split as `sharding` says: each
+    of its mesh's devices in this process receives only its own shard `host[index]`."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _as_loaded(path: ParamPath, array: np.ndarray, dtype: np.dtype, mode: str | None,
+               shardings: dict[ParamPath, NamedSharding] | None = None) -> dict[ParamPath, jax.Array]:
     """A param of a float checkpoint as loaded: {its values path: values, its scales path:
-    scales} when it is a weight quantized in `mode`, else {path: array cast to `dtype`}."""
+    scales} when it is a weight quantized in `mode`, else {path: array cast to `dtype`}; on the
+    default device, or placed as `shardings` (by path) says (a weight to be quantized is placed
+    like its values and quantized in its shards)."""
     stored = quant.stored_param(path, array.shape, mode)
     if stored is None:
-        return {path: jnp.asarray(array.astype(dtype, copy=False))}
-    values, scale = quant.quantize_array(array, stored.contracted, mode)
+        return {path: _place(array.astype(dtype, copy=False), shardings and shardings[path])}
+    values, scale = quant.quantize_array(_place(array, shardings and shardings[stored.weight]),
+                                         stored.contracted, mode)
+    if shardings is not None:
+        values, scale = jax.device_put((values, scale), (shardings[stored.weight], shardings[stored.scale]))
     return {stored.weight: values, stored.scale: scale}
 
 
 def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtypes: dict[ParamPath, np.dtype],
-                verify: bool, allow_non_finite: bool, quantize: str | None = None) -> dict[ParamPath, jax.Array]:
-    """{path: param on the default device} of our checkpoint `ckpt` (its params `shapes`), each
-    cast to `dtypes[path]` or, for the weights `quantize` names, quantized (`_as_loaded`); read
-    one param at a time and checked (in its stored dtype) against checksums.json when `verify`
-    and for NaN / Inf unless `allow_non_finite`."""
+                verify: bool, allow_non_finite: bool, quantize: str | None = None,
+                shardings: dict[ParamPath, NamedSharding] | None = None) -> dict[ParamPath, jax.Array]:
+    """{path: param on the default device, or placed as `shardings` says} of our checkpoint
+    `ckpt` (its params `shapes`), each cast to `dtypes[path]` or, for the weights `quantize`
+    names, quantized (`_as_loaded`); read one param at a time and checked (in its stored dtype)
+    against checksums.json when `verify` and for NaN / Inf unless `allow_non_finite`."""
     reader = OrbaxReader(ckpt / STATE_DIR)
     reader.check(shapes)
     checksums = read_checksums(ckpt) if verify else {}
@@ -672,7 +703,7 @@ def _read_orbax(ckpt: Path, shapes: dict[ParamPath, tuple[int, ...]], dtypes: di
         if verify:
             verify_tensor(param_name(path), stored, checksums, ckpt)
         check_finite(stored, param_name(path), ckpt, allow_non_finite)
-        arrays.update(_as_loaded(path, stored, dtypes[path], quantize))
+        arrays.update(_as_loaded(path, stored, dtypes[path], quantize, shardings))
     return arrays
 
 

@@ -7,6 +7,7 @@ import math
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -60,3 +61,32 @@ def param_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFA
 def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a `[batch, time]` input: batch over the `activation_batch` mesh axes."""
     return NamedSharding(mesh, logical_to_spec(("activation_batch", None), rules))
+
+
+def local_devices_first(mesh: Mesh) -> list[jax.Device]:
+    """The mesh's devices, this process's first (`minimax_jax.memory.require_memory` reads the
+    memory of the first one)."""
+    return sorted(mesh.devices.flat, key=lambda d: d.process_index != jax.process_index())
+
+
+def placed_bytes(shapes: Any, shardings: Any) -> int:
+    """Bytes that arrays of `shapes` (a pytree of leaves with `shape` and `dtype`) placed as
+    `shardings` (the same pytree of NamedShardings) take on all their meshes' devices together:
+    each device's shard counted on every device that holds it (replicated parts once per device)."""
+    leaves, placements = jax.tree.leaves(shapes), jax.tree.leaves(shardings)
+    if len(leaves) != len(placements):
+        raise ValueError(f"{len(leaves)} arrays but {len(placements)} shardings")
+    return sum(math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize * s.mesh.size
+               for x, s in zip(leaves, placements))
+
+
+def placed_mesh(tree: Any) -> Mesh | None:
+    """The mesh the arrays of `tree` (e.g. a model's state) are placed on: the one Mesh of their
+    NamedShardings, or None when none has one (arrays on one device). Arrays on different meshes
+    are a ValueError."""
+    meshes = {x.sharding.mesh for x in jax.tree.leaves(tree)
+              if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)}
+    if len(meshes) > 1:
+        raise ValueError(f"the arrays are placed on {len(meshes)} different meshes: "
+                         f"{sorted(str(dict(m.shape)) for m in meshes)}")
+    return meshes.pop() if meshes else None

@@ -1,6 +1,6 @@
 """Checks that need several devices, run as `python tests/sharded_worker.py CHECK` in a process with
 8 CPU devices (`tests/test_sharding.py` starts it). Prints one JSON object: the largest relative
-errors against the one-device result and facts about the compiled program."""
+errors against the one-device result and facts about the compiled program or where the arrays lie."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
+import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -24,6 +28,7 @@ from sharding import make_mesh  # noqa: E402
 from sharding.tokens import zigzag_order  # noqa: E402
 
 MESHES = ({"sequence": 8}, {"data": 2, "sequence": 4})
+SERVING_MESH = {"data": 2, "tensor": 2, "expert": 2}
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -214,8 +219,172 @@ def indivisible() -> dict:
     return {"error": None}
 
 
+def saved_model(path: Path, cfg=None) -> Path:
+    """Save a random model of `cfg` (default: `small_config()`) as our checkpoint at `path`: its
+    weights drawn from N(0, 0.1^2), its norm scales from 1 + N(0, 0.1^2) (numpy, seed 0, so
+    nothing is compiled)."""
+    from flax import nnx
+
+    from minimax_jax.checkpoint import model_class, save_model
+
+    cfg = cfg or small_config()
+    rng = np.random.default_rng(0)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+    state = nnx.from_flat_state([
+        (p, v.replace(jnp.asarray((p[-1] == "scale") + 0.1 * rng.standard_normal(v.shape), v.dtype)))
+        for p, v in nnx.to_flat_state(state)])
+    return save_model(nnx.merge(graphdef, state), path)
+
+
+def small_config(**overrides):
+    """tests/conftest.py's tiny config with a two-layer block (lightning, softmax) scanned twice
+    (a smaller program to compile), and `overrides`."""
+    from conftest import FULL, LIN, tiny_config
+
+    return tiny_config(**{"num_hidden_layers": 4, "layer_types": [LIN, FULL] * 2, **overrides})
+
+
+def placement(model, mesh) -> dict:
+    """Where `model`'s params lie on `mesh`: the params whose sharding differs from
+    `param_shardings`' or whose addressable shards are not one per device of exactly the shard
+    shape ("misplaced"), how many there are and how many are split (a device holds less than the
+    whole), and the split ones among the quantized scales."""
+    from flax import nnx
+
+    from minimax_jax import quant
+    from sharding import param_shardings
+
+    state = nnx.state(model, nnx.Param)
+    want = dict(nnx.to_flat_state(param_shardings(state, mesh)))
+    misplaced, split, split_scales = [], 0, 0
+    for path, v in nnx.to_flat_state(state):
+        array, sharding = v[...], want[path]
+        shards = array.addressable_shards
+        if (array.sharding != sharding or len({s.device for s in shards}) != mesh.size
+                or any(s.data.shape != sharding.shard_shape(array.shape) for s in shards)):
+            misplaced.append(".".join(map(str, path)))
+        smaller = shards[0].data.size < array.size
+        split += smaller
+        split_scales += smaller and path[-1] == quant.SCALE and path[-2] in quant.CONTRACTED
+    return {"misplaced": misplaced, "params": len(want), "split": split, "split_scales": split_scales}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, ids: jax.Array) -> jax.Array:
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(ids)
+
+
+def forward(model, ids: jax.Array, mesh=None) -> jax.Array:
+    """The logits of `model` (a VL model's text model) for ids int32 `[B, T]`, float32, compiled
+    once per model structure and placement; under `mesh` when given."""
+    from flax import nnx
+
+    from minimax_jax.vision.model import text_model
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _apply(*nnx.split(text_model(model)), ids)
+
+
+def load() -> dict:
+    """`load_model(..., mesh=)` on data2 x tensor2 x expert2 of a random `small_config()` model
+    (float32) saved as our checkpoint and exported as an HF directory, both also loaded
+    int8-quantized, and of a tiny VL model: where the params lie (`placement`) and the largest
+    relative logits error against the same load on one device."""
+    from minimax_jax.checkpoint import load_model
+    from minimax_jax.convert import orbax_to_hf
+    from minimax_jax.vision import MiniMaxVLConfig, VisionConfig
+
+    mesh = make_mesh(SERVING_MESH)
+    cfg = small_config()
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (8, 32)), jnp.int32)
+    vision = VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=28, patch_size=7, image_token_index=5)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = saved_model(Path(tmp) / "text")
+        hf = orbax_to_hf(ckpt, Path(tmp) / "hf", progress=False)
+        vl = saved_model(Path(tmp) / "vl", MiniMaxVLConfig(cfg, vision))
+        for name, path, quantize in (("orbax", ckpt, None), ("hf", hf, None), ("orbax-int8", ckpt, "int8"),
+                                     ("hf-int8", hf, "int8"), ("vl", vl, None)):
+            model = load_model(path, quantize=quantize, mesh=mesh)
+            out[name] = {**placement(model, mesh),
+                         "logits": rel(forward(model, ids, mesh), forward(load_model(path, quantize=quantize), ids))}
+    return out
+
+
+def serve() -> dict:
+    """The serving engine on a model loaded onto data2 x tensor2 x expert2 against the engine on
+    the one-device model: greedy tokens of two prompts of 5 and 21 tokens (two prefill chunks of
+    16) read together, then 8 tokens in one decode dispatch; the placement of its cache after
+    those steps; and serve.py's --mesh errors (`cli_errors`) on the same checkpoint."""
+    from conftest import run_jobs
+    from minimax_jax.checkpoint import load_model
+    from minimax_jax.serving.engine import Engine, SamplingParams, merge_outputs
+    from minimax_jax.serving.steps import cache_shardings
+    from minimax_jax.tokenizer import ByteTokenizer
+
+    class NoEos(ByteTokenizer):
+        eos_token_id = -1
+
+    mesh = make_mesh(SERVING_MESH)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 256, n).tolist() for n in (5, 21)]
+    greedy = SamplingParams(max_tokens=9, temperature=0.0)
+    tokens, out = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = saved_model(Path(tmp) / "text", small_config(vocab_size=320))  # the byte tokenizer's ids
+        for name, model in (("one", load_model(ckpt)), ("mesh", load_model(ckpt, mesh=mesh))):
+            engine = Engine(model, NoEos(), max_batch=4, max_context=64, prefill_chunk=16, prefill_rows=4,
+                            decode_steps=8)
+            engine.start()
+            try:
+                outputs = [merge_outputs(o) for o in run_jobs(engine, [(p, greedy) for p in prompts])]
+                tokens[name] = [o.token_ids for o in outputs]
+                out[f"{name}_finish"] = [(o.finish_reason, o.error) for o in outputs]
+                if name == "mesh":
+                    steps = engine.steps
+                    want = cache_shardings(steps.cache, mesh)
+                    out["cache_placed"] = all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in
+                                              zip(jax.tree.leaves(steps.cache), jax.tree.leaves(want)))
+                    out["lightning_state_shard"] = list(steps.cache.lightning_state.addressable_shards[0].data.shape)
+                    out["lightning_state"] = list(steps.cache.lightning_state.shape)
+                    out["key_shard"] = list(steps.cache.key.addressable_shards[0].data.shape)
+                    out["key"] = list(steps.cache.key.shape)
+            finally:
+                engine.stop()
+        out["cli"] = cli_errors(ckpt)
+    out["tokens"] = tokens
+    return out
+
+
+def cli_errors(ckpt: Path) -> dict:
+    """serve.py on checkpoint `ckpt` with a --mesh whose sizes do not multiply to the 8 devices,
+    with a --max-batch the mesh's expert axis cannot split and with a sequence axis: exit status
+    and stderr of each."""
+    import io
+
+    from minimax_jax.serving import cli
+
+    out = {}
+    for name, args in (("bad_size", ["--mesh", "data=3,tensor=2"]),
+                       ("bad_batch", ["--mesh", "data=2,tensor=2,expert=2", "--max-batch", "6"]),
+                       ("sequence", ["--mesh", "data=2,tensor=2,sequence=2"])):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli.main(["--checkpoint", str(ckpt), *args])
+        out[name] = {"code": code, "stderr": err.getvalue()}
+    return out
+
+
+def load_and_serve() -> dict:
+    """`load` and `serve`, in one process (one start-up)."""
+    return {"load": load(), "serve": serve()}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     print(json.dumps({"lightning": lightning, "softmax": softmax, "loss": loss, "model": model,
-                      "experts": experts,
-                      "indivisible": indivisible}[sys.argv[1]]()))
+                      "experts": experts, "indivisible": indivisible,
+                      "load_and_serve": load_and_serve}[sys.argv[1]]()))

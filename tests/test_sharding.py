@@ -1,5 +1,6 @@
-"""Sharded versions of the ops against one device, on 8 CPU devices (`tests/sharded_worker.py`
-runs in its own process, since the device count is fixed when JAX starts)."""
+"""Sharded versions of the ops, loading a model onto a mesh and the serving engine on it against
+one device, on 8 CPU devices (`tests/sharded_worker.py` runs in its own process, since the device
+count is fixed when JAX starts); serve.py's --mesh flag."""
 
 from __future__ import annotations
 
@@ -127,3 +128,79 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_is_an_error():
     assert error is not None and re.search(
         r"parameter blocks\.layers\.0\.\S+: its heads dimension \(4\) cannot be split 8 ways over mesh axes "
         r"\['tensor'\]", error), error
+
+
+@pytest.fixture(scope="module")
+def load_and_serve():
+    return run_worker("load_and_serve")
+
+
+@pytest.mark.parametrize("source", ["orbax", "hf", "orbax-int8", "hf-int8", "vl"])
+def test_load_model_onto_a_mesh_places_each_param_in_its_shards(load_and_serve, source):
+    """`load_model(..., mesh=data2 x tensor2 x expert2)` from our checkpoint, an HF directory
+    (both also quantized to int8 as they load) and of a VL model: every param has the sharding
+    `param_shardings` gives it and each of the 8 devices holds exactly its shard (more than half
+    of the params split: experts, vocabulary, heads, FFN width; with int8 the quantized weights'
+    scales too), and the logits equal those of the same load on one device."""
+    result = load_and_serve["load"][source]
+    assert result["misplaced"] == [], result
+    assert result["split"] > result["params"] // 2, result
+    assert (result["split_scales"] > 0) == ("int8" in source), result
+    assert result["logits"] < RTOL, result
+
+
+def test_the_engine_on_a_mesh_generates_the_one_device_tokens(load_and_serve):
+    """The serving engine on a model loaded onto data2 x tensor2 x expert2: the greedy tokens of
+    two prompts of different lengths (one and two prefill chunks, then one dispatch of 8 decode
+    steps) equal the one-device engine's; its cache stays placed as `cache_shardings` says, the
+    lightning states split over the rows (data x expert) and heads (tensor), the K/V pages'
+    heads over tensor."""
+    served = load_and_serve["serve"]
+    assert served["mesh_finish"] == served["one_finish"] == [["length", None]] * 2, served
+    assert served["tokens"]["mesh"] == served["tokens"]["one"], served
+    assert all(len(t) == 9 for t in served["tokens"]["one"]), served
+    assert served["cache_placed"], served
+    blocks, layers, rows, heads, k, _ = served["lightning_state"]
+    assert served["lightning_state_shard"] == [blocks, layers, rows // 4, heads // 2, k, k], served
+    assert served["key_shard"] == [*served["key"][:4], served["key"][4] // 2, served["key"][5]], served
+
+
+def test_serve_mesh_errors_on_eight_devices(load_and_serve):
+    """serve.py --mesh on 8 devices: sizes that do not multiply to the device count, a
+    --max-batch the expert axis cannot split and a sequence axis (a decode step's one token per
+    slot cannot be split) each exit with status 1 and one line naming the problem."""
+    result = load_and_serve["serve"]["cli"]
+    bad = result["bad_size"]
+    assert bad["code"] == 1 and re.fullmatch(r"error: mesh \{.*'data': 3.*\} has 6 devices but 8 are visible\n",
+                                             bad["stderr"]), bad
+    batch = result["bad_batch"]
+    assert batch["code"] == 1 and re.fullmatch(r"error: max_batch \(6\) must be a multiple of 4 on mesh .*\n",
+                                               batch["stderr"]), batch
+    sequence = result["sequence"]
+    assert sequence["code"] == 1 and re.fullmatch(r"error: mesh \{.*'sequence': 2\} splits the sequence axis, "
+                                                  r"which serving cannot: .*\n", sequence["stderr"]), sequence
+
+
+@pytest.mark.parametrize("value, message", [
+    ("data=2,tensor=2,expert=2", None),
+    ("fsdp=-1,tensor=2", None),
+    ("data=2,model=2", r"unknown mesh axis 'model'"),
+    ("data=two", r"mesh axis data='two': the size must be a positive integer"),
+    ("data=0", r"mesh axis data=0: the size must be a positive integer"),
+    ("data", r"override 'data' is not of the form key=value"),
+    ("", r"no mesh axes"),
+])
+def test_serve_mesh_flag_parsing(value, message, capsys):
+    """--mesh AXIS=N,... parses into the sizes train.py's `mesh.AXIS=N` overrides give; an
+    unknown axis, a size that is not a positive integer or -1, or no `=` is a usage error
+    (exit status 2) naming it."""
+    from minimax_jax.serving.cli import parse_args
+
+    if message is None:
+        want = dict(item.split("=") for item in value.split(","))
+        assert parse_args(["--mesh", value]).mesh == {a: int(n) for a, n in want.items()}
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--mesh", value])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -3,10 +3,14 @@
     python serve.py [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
                     [--max-context 2048] [--prefill-chunk 256] [--prefill-rows 4] [--page-size 16]
                     [--kv-pages N] [--dtype float32] [--quantize int8|fp8] [--model-name NAME]
-                    [--decode-steps 8] [--prefix-cache-slots 32] [--no-prefix-cache] [--debug]
+                    [--decode-steps 8] [--prefix-cache-slots 32] [--no-prefix-cache]
+                    [--mesh data=2,tensor=2,expert=2] [--debug]
 
 DIR is an HF directory or one of our Orbax checkpoints (default: runs/tiny/model, what
-`python train.py --config configs/tiny.yaml` writes).
+`python train.py --config configs/tiny.yaml` writes). `--mesh` serves on a mesh over all visible
+devices (train.py's mesh axes data, fsdp, expert and tensor; missing axes are 1, one may be -1; a
+sequence axis is refused): the model loads straight into its shards and the engine's steps run
+under the mesh.
 """
 
 from __future__ import annotations
@@ -18,8 +22,28 @@ from pathlib import Path
 import uvicorn
 
 from minimax_jax.cache import PAGE_SIZE
+from minimax_jax.config import ConfigError, parse_overrides
+from sharding.rules import MESH_AXES
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/model")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=2,tensor=2,expert=2` -> {"data": 2, "tensor": 2, "expert": 2} (the `mesh.AXIS=N`
+    overrides of train.py, comma-separated); an unknown axis, a missing `=` or a size that is
+    not a positive integer (or -1: the remaining devices) is an argparse.ArgumentTypeError
+    naming it."""
+    try:
+        sizes = parse_overrides([item for item in text.split(",") if item], MESH_AXES)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("config key", "mesh axis")) from None
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+            raise argparse.ArgumentTypeError(f"mesh axis {axis}={size!r}: the size must be a positive "
+                                             f"integer (or -1 for the remaining devices)")
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no mesh axes in {text!r}; e.g. data=2,tensor=2,expert=2")
+    return sizes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "states (evicted least recently used first)")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not cache prompt prefixes")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--mesh", type=parse_mesh, default=None, metavar="AXIS=N,...",
+                   help=f"serve on a mesh over all visible devices, axes {', '.join(MESH_AXES)} (e.g. "
+                        f"data=2,tensor=2,expert=2; the sizes must multiply to the device count; "
+                        f"serving splits no sequence axis)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
@@ -63,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no checkpoint at {args.checkpoint}; {hint}pass --checkpoint DIR", file=sys.stderr)
         return 1
     from minimax_jax.checkpoint import CheckpointError, load_model
-    from minimax_jax.config import ConfigError
     from minimax_jax.serving.server import build
     from minimax_jax.tokenizer import load_tokenizer
+    from sharding import make_mesh
 
     try:
-        model = load_model(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
+        mesh = None if args.mesh is None else make_mesh(args.mesh)
+        model = load_model(args.checkpoint, dtype=args.dtype, quantize=args.quantize, mesh=mesh)
         tokenizer = load_tokenizer(args.checkpoint)
         served = build(model, tokenizer, model_name=args.model_name or args.checkpoint.resolve().name,
                        checkpoint_dir=args.checkpoint, max_batch=args.max_batch,

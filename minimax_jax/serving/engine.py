@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 import random
 import threading
 import time
@@ -45,6 +46,8 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
 from minimax_jax.cache import PAGE_SIZE
 from minimax_jax.memory import require_memory
@@ -60,6 +63,9 @@ from minimax_jax.serving.textstream import TextStream
 from minimax_jax.tokenizer import Tokenizer
 from minimax_jax.vision.anyres import image_token_count
 from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration, text_model
+from sharding.experts import EXPERT
+from sharding.mesh import local_devices_first, placed_mesh
+from sharding.tokens import BATCH_AXES, SEQUENCE
 
 log = logging.getLogger(__name__)
 MIN_PREFILL_BUCKET = 16  # the shortest prefill step
@@ -73,6 +79,25 @@ def prefill_buckets(chunk: int, smallest: int = MIN_PREFILL_BUCKET) -> tuple[int
         sizes.append(smallest)
         smallest *= 2
     return (*sizes, chunk)
+
+
+def check_serving_mesh(mesh: Mesh, rows: dict[str, int]) -> None:
+    """Raise a ValueError naming the mesh and what is wrong unless the engine can serve on it with
+    steps of `rows` ({setting name: rows per step}): all its devices in this process (the engine
+    reads every step's tokens on its host), no `sequence` axis (a decode step feeds one token per
+    slot) and, with an `expert` axis, rows that split over the batch axes (data x fsdp x expert)."""
+    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+        raise ValueError(f"mesh {dict(mesh.shape)} spans several processes; the engine reads every step's "
+                         f"tokens on its own host, so it serves on one process's devices only")
+    if mesh.shape.get(SEQUENCE, 1) > 1:
+        raise ValueError(f"mesh {dict(mesh.shape)} splits the {SEQUENCE} axis, which serving cannot: a decode "
+                         f"step feeds one token per slot; use the data, fsdp, expert and tensor axes")
+    if mesh.shape.get(EXPERT, 1) > 1:
+        ways = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+        for name, n in rows.items():
+            if n % ways:
+                raise ValueError(f"{name} ({n}) must be a multiple of {ways} on mesh {dict(mesh.shape)}: its "
+                                 f"expert axis needs every step's rows split over {list(BATCH_AXES)}")
 
 
 class ContextLengthError(ValueError):
@@ -236,6 +261,14 @@ class Engine:
     the image tokens' embeddings in place of those positions' token embeddings. Such requests
     bypass the prefix cache (their image tokens are all the same id).
 
+    A model placed on a mesh (`load_model(..., mesh=)`) is served on it: every step runs under
+    that mesh, the cache split as `steps.cache_shardings` says (rows over the batch axes, heads
+    over `tensor`), and the memory check counts each device's share against the mesh's devices.
+    With an `expert` axis every step's rows must split over the batch axes (data x fsdp x
+    expert), so max_batch and prefill_rows must be multiples of their product; a `sequence` axis
+    is refused (a decode step's one token per slot cannot be split), as is a mesh over several
+    processes (the engine reads the tokens on its host).
+
     Use: `start()`, then `submit(prompt_ids, params, on_output)` from any thread (outputs arrive
     on the engine thread), `abort(request_id)`, `reset_prefix_cache()`, `stop()`.
     `generate(...)` blocks for one result.
@@ -257,6 +290,9 @@ class Engine:
                              f"{cfg.max_position_embeddings}], got {max_context}")
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
+        mesh = placed_mesh(nnx.state(model))
+        if mesh is not None:
+            check_serving_mesh(mesh, {"max_batch": max_batch, "prefill_rows": min(prefill_rows, max_batch)})
         self.tokenizer, self.vocab_size = tokenizer, cfg.vocab_size
         self.max_batch, self.max_context, self.chunk = max_batch, max_context, prefill_chunk
         self.aligned = prefix_cache_slots > 0  # prompts read without padding, token i at K/V slot i
@@ -266,9 +302,10 @@ class Engine:
         pages_per_slot = -(-(max_context + (0 if self.aligned else prefill_chunk - 1)) // page_size)
         num_pages = max_batch * pages_per_slot if kv_pages is None else kv_pages
         require_memory(cache_bytes(cfg, slots=max_batch, pages_per_slot=pages_per_slot,
-                                   page_size=page_size, num_pages=num_pages)
-                       + prefix_store_bytes(cfg, prefix_cache_slots),
+                                   page_size=page_size, num_pages=num_pages, mesh=mesh)
+                       + prefix_store_bytes(cfg, prefix_cache_slots, mesh),
                        f"the cache of {max_batch} slots and {num_pages} K/V pages of {page_size} tokens",
+                       None if mesh is None else local_devices_first(mesh),
                        hint="lower --max-batch, --max-context, --kv-pages or --prefix-cache-slots")
         self.pages = PageAllocator(num_pages)
         self.prefix = PrefixCache(prefix_cache_slots, page_size, self.pages) if self.aligned else None

@@ -28,17 +28,25 @@ are scored:
   prefix's K/V.
 The K/V pool is shared by all slots and never cleared: a slot reads only the slots it wrote since
 its reset (kv_mask), so pages can pass from one request to the next as they are.
+
+A model whose params are placed on a mesh (`load_model(..., mesh=)`) runs every step under that
+mesh (`jax.set_mesh`, so the ops take their parallel forms), its cache split as `cache_shardings`
+says (the prefix store likewise, the sampling state replicated); each step returns them placed as
+it took them, so nothing recompiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minimax_jax.cache import (NO_PAGE, Cache, drop_writes, init_cache, keep_rows, put_rows,
                                reset_rows, take_rows)
@@ -48,14 +56,39 @@ from minimax_jax.serving.sampling import (MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, TO
                                           SamplingBatch, SlotState, count_fed, reset_slot, sample_rows,
                                           score_positions, see_prompt)
 from minimax_jax.vision.model import MiniMaxVLForConditionalGeneration, text_model
+from sharding.mesh import param_shardings, placed_bytes, placed_mesh
+from sharding.rules import logical_to_spec
+from sharding.tokens import token_spec
+
+
+def cache_shardings(cache: Cache, mesh: Mesh) -> Cache:
+    """NamedShardings on `mesh` for a cache shaped like `cache` (arrays or shapes): the rows of
+    the per-row fields (lightning states, page table, kv_mask, length, next_position) split over
+    the mesh's batch axes as the model splits the rows of its tokens
+    (`sharding.tokens.token_spec`: over all of them, or over none when they do not divide the
+    rows), the lightning states' heads and the K/V pages' heads as the attention params split
+    theirs (the `heads` and `kv_heads` rules: `tensor`); the pool's pages, shared by all rows,
+    are not split."""
+    with jax.set_mesh(mesh):
+        rows = token_spec(cache.page_table.shape[0], 1)
+    b = None if rows is None else rows[0]
+    (h,), (n,) = logical_to_spec(("heads",)), logical_to_spec(("kv_heads",))
+    pages = P(None, None, None, None, n)  # [blocks, layers, P, Z, N, K]
+    specs = {"lightning_state": P(None, None, b, h), "key": pages, "value": pages, "page_table": P(b),
+             "kv_mask": P(b), "length": P(b), "next_position": P(b)}
+    return Cache(**{name: NamedSharding(mesh, spec) for name, spec in specs.items()})
 
 
 def cache_bytes(cfg: MiniMaxConfig, *, slots: int, pages_per_slot: int, page_size: int,
-                num_pages: int) -> int:
-    """Bytes of the cache `Steps` allocates for these sizes (nothing is allocated)."""
+                num_pages: int, mesh: Mesh | None = None) -> int:
+    """Bytes of the cache `Steps` allocates for these sizes (nothing is allocated); on a mesh
+    the bytes of all its devices together, as `cache_shardings` splits it."""
     empty = functools.partial(init_cache, cfg, slots, pages_per_slot * page_size, page_size=page_size,
                               num_pages=num_pages)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(empty)))
+    shapes = jax.eval_shape(empty)
+    if mesh is not None:
+        return placed_bytes(shapes, cache_shardings(shapes, mesh))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 @jax.tree_util.register_dataclass
@@ -75,11 +108,26 @@ class PrefixStore:
         shape = (n, *state.shape[:2], *state.shape[3:])
         return PrefixStore(jnp.zeros(shape, jnp.float32), jnp.zeros((n, cfg.vocab_size), jnp.bool_))
 
+    @staticmethod
+    def shardings(mesh: Mesh) -> "PrefixStore":
+        """NamedShardings of a store on `mesh`: the lightning states' heads split as the cache's
+        (`cache_shardings`), the rest replicated."""
+        (h,) = logical_to_spec(("heads",))
+        return PrefixStore(NamedSharding(mesh, P(None, None, None, h)), NamedSharding(mesh, P()))
 
-def prefix_store_bytes(cfg: MiniMaxConfig, n: int) -> int:
-    """Bytes of a `PrefixStore` of `n` snapshots (nothing is allocated)."""
+
+def prefix_store_bytes(cfg: MiniMaxConfig, n: int, mesh: Mesh | None = None) -> int:
+    """Bytes of a `PrefixStore` of `n` snapshots (nothing is allocated); on a mesh the bytes of
+    all its devices together."""
     shapes = jax.eval_shape(lambda: PrefixStore.empty(cfg, n))
+    if mesh is not None:
+        return placed_bytes(shapes, PrefixStore.shardings(mesh))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def _hold(tree: Any, shardings: Any) -> Any:
+    """`tree` inside a step, constrained to `shardings` (a pytree prefix of it; None: as it is)."""
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
 class Steps:
@@ -89,25 +137,35 @@ class Steps:
     `prefix_snapshots` snapshot slots for the prefix cache (0: none).
 
     The cache, the sampling state and the prefix store live here and are only touched by these
-    methods (the engine loop's thread).
+    methods (the engine loop's thread). A model placed on a mesh (`mesh`: the mesh of its params,
+    `sharding.mesh.placed_mesh`) runs its steps under it (see the module docstring); its params
+    are placed by `sharding.param_shardings` (as `load_model(..., mesh=)` places them).
     """
 
     def __init__(self, model: MiniMaxForCausalLM | MiniMaxVLForConditionalGeneration, *, slots: int,
                  pages_per_slot: int, page_size: int, num_pages: int, prefill_rows: int, decode_steps: int = 1,
                  prefix_snapshots: int = 0):
-        graphdef, self.params = nnx.split(model)
+        graphdef, params = nnx.split(model)
         self.graphdef = graphdef
+        self.mesh = placed_mesh(params)
+        self.params = params if self.mesh is None else jax.device_put(params, param_shardings(params, self.mesh))
         self.slots, self.prefill_rows, self.decode_steps = slots, prefill_rows, decode_steps
         self.pages_per_slot, self.page_size, self.num_pages = pages_per_slot, page_size, num_pages
         self.config = text_model(model).config
         self.prefix_snapshots = prefix_snapshots
+        # how the cache, the sampling state and the prefix store are placed (None: no mesh)
+        cache_sh = state_sh = store_sh = None
+        if self.mesh is not None:
+            cache_sh = cache_shardings(jax.eval_shape(self._new_cache), self.mesh)
+            state_sh, store_sh = NamedSharding(self.mesh, P()), PrefixStore.shardings(self.mesh)
+        self._cache_sharding, self._state_sharding, self._store_sharding = cache_sh, state_sh, store_sh
         self.cache, self.state = self._empty()
-        self.store = PrefixStore.empty(self.config, prefix_snapshots) if prefix_snapshots else None
+        self.store = self._empty_store() if prefix_snapshots else None
         top = min(TOP_LOGPROBS, self.config.vocab_size)
 
         def reset(cache: Cache, state: SlotState, slot, table, bias_ids, bias_values, suppress_ids):
-            return (reset_rows(cache, slot[None], table),
-                    reset_slot(state, slot, bias_ids, bias_values, suppress_ids))
+            return (_hold(reset_rows(cache, slot[None], table), cache_sh),
+                    _hold(reset_slot(state, slot, bias_ids, bias_values, suppress_ids), state_sh))
 
         def prefill(params, cache: Cache, state: SlotState, rows, tokens, mask, active,
                     sampling: SamplingBatch, targets, images):
@@ -125,7 +183,7 @@ class Steps:
             state = see_prompt(state, rows, tokens, mask * active[:, None])
             sampled = sample_rows(model.logits(h[:, -1:])[:, 0], sampling, state.take(rows))
             scores = None if targets is None else score_positions(model.logits, h, targets)
-            return new, state, sampled, scores
+            return _hold(new, cache_sh), _hold(state, state_sh), sampled, scores
 
         def decode_loop(params, cache: Cache, state: SlotState, tokens, budget, protect_rows, protect,
                         sampling: SamplingBatch, *, steps: int):
@@ -154,7 +212,7 @@ class Steps:
             start = (jnp.int32(0), cache, state, tokens, budget > 0, jnp.zeros((b,), jnp.int32), out)
             _, cache, state, _, _, count, out = jax.lax.while_loop(more, step, start)
             restored = keep_rows(~protect, take_rows(cache, protect_rows), saved)
-            return put_rows(cache, protect_rows, restored), state, out, count
+            return _hold(put_rows(cache, protect_rows, restored), cache_sh), _hold(state, state_sh), out, count
 
         def decode_one(params, cache, state, tokens, running, protect_rows, protect, sampling):
             cache, state, out, _ = decode_loop(params, cache, state, tokens, running.astype(jnp.int32),
@@ -162,8 +220,8 @@ class Steps:
             return cache, state, jax.tree.map(lambda x: x[0], out)
 
         def save_prefix(store: PrefixStore, cache: Cache, state: SlotState, slot, index):
-            return PrefixStore(store.lightning_state.at[index].set(cache.lightning_state[:, :, slot]),
-                               store.seen.at[index].set(state.seen[slot]))
+            return _hold(PrefixStore(store.lightning_state.at[index].set(cache.lightning_state[:, :, slot]),
+                                     store.seen.at[index].set(state.seen[slot])), store_sh)
 
         def restore_prefix(cache: Cache, state: SlotState, store: PrefixStore, slot, index, length):
             cache = dataclasses.replace(
@@ -171,7 +229,8 @@ class Steps:
                 kv_mask=cache.kv_mask.at[slot].set(jnp.arange(cache.max_length) < length),
                 length=cache.length.at[slot].set(length),
                 next_position=cache.next_position.at[slot].set(length))
-            return cache, dataclasses.replace(state, seen=state.seen.at[slot].set(store.seen[index]))
+            state = dataclasses.replace(state, seen=state.seen.at[slot].set(store.seen[index]))
+            return _hold(cache, cache_sh), _hold(state, state_sh)
 
         self._reset = jax.jit(reset, donate_argnums=(0, 1))
         self._prefill = jax.jit(prefill, donate_argnums=(1, 2))
@@ -180,10 +239,35 @@ class Steps:
         self._save_prefix = jax.jit(save_prefix, donate_argnums=(0,))
         self._restore_prefix = jax.jit(restore_prefix, donate_argnums=(0, 1))
 
+    def _new_cache(self) -> Cache:
+        """An empty cache for all slots, none holding pages."""
+        return init_cache(self.config, self.slots, self.pages_per_slot * self.page_size,
+                          page_size=self.page_size, num_pages=self.num_pages)
+
+    def _new_state(self) -> SlotState:
+        """Every slot's sampling state neutral."""
+        return SlotState.empty(self.slots, self.config.vocab_size)
+
+    def _new_store(self) -> PrefixStore:
+        """prefix_snapshots zero snapshots."""
+        return PrefixStore.empty(self.config, self.prefix_snapshots)
+
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """The model's mesh as the current one (`jax.set_mesh`), or nothing without one."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
     def _empty(self) -> tuple[Cache, SlotState]:
-        cache = init_cache(self.config, self.slots, self.pages_per_slot * self.page_size,
-                           page_size=self.page_size, num_pages=self.num_pages)
-        return cache, SlotState.empty(self.slots, self.config.vocab_size)
+        """A new empty cache and sampling state, placed as the steps take them."""
+        if self.mesh is None:
+            return self._new_cache(), self._new_state()
+        return (jax.jit(self._new_cache, out_shardings=self._cache_sharding)(),
+                jax.jit(self._new_state, out_shardings=self._state_sharding)())
+
+    def _empty_store(self) -> PrefixStore:
+        """A new prefix store of zero snapshots, placed as the steps take it."""
+        if self.mesh is None:
+            return self._new_store()
+        return jax.jit(self._new_store, out_shardings=self._store_sharding)()
 
     def reset(self, slot: int, pages: list[int], bias: dict[int, float] | None = None,
               suppress: tuple[int, ...] = ()) -> None:
@@ -202,8 +286,9 @@ class Steps:
         bias_ids[:len(bias)], bias_values[:len(bias)] = list(bias), list(bias.values())
         suppress_ids = np.full(MAX_STOP_TOKEN_IDS + 1, v, np.int32)
         suppress_ids[:len(suppress)] = suppress
-        self.cache, self.state = self._reset(self.cache, self.state, np.int32(slot), table, bias_ids,
-                                             bias_values, suppress_ids)
+        with self._scope():
+            self.cache, self.state = self._reset(self.cache, self.state, np.int32(slot), table, bias_ids,
+                                                 bias_values, suppress_ids)
 
     def prefill(self, rows, tokens, mask, active, sampling: SamplingBatch,
                 targets=None, images=None) -> tuple[Sampled, Sampled | None]:
@@ -213,22 +298,25 @@ class Steps:
         token after each position) their scores `[R, C]` (see `score_positions`), else None.
         A VL model's images: (embeds `[R, C, D]`, is_image bool `[R, C]`), the embeddings read
         instead of the tokens' where is_image (its image tokens), or None."""
-        self.cache, self.state, out, scores = self._prefill(
-            self.params, self.cache, self.state, rows, tokens, mask, active, sampling, targets, images)
+        with self._scope():
+            self.cache, self.state, out, scores = self._prefill(
+                self.params, self.cache, self.state, rows, tokens, mask, active, sampling, targets, images)
         return out, scores
 
     def image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> jax.Array:
         """A VL model's image tokens `[n, D]` of one prompt's images (see
         `MiniMaxVLForConditionalGeneration.image_features`)."""
         model = nnx.merge(self.graphdef, self.params)
-        return model.image_features(jnp.asarray(pixel_values), image_sizes)
+        with self._scope():
+            return model.image_features(jnp.asarray(pixel_values), image_sizes)
 
     def decode(self, tokens, running, protect_rows, protect, sampling: SamplingBatch) -> Sampled:
         """Feed int32 tokens `[B]` to all slots; only slots with running bool `[B]` write K/V, and
         the distinct slots protect_rows int32 `[R]` where protect bool `[R]` keep their row state
         as it was. Returns the samples `[B]`."""
-        self.cache, self.state, out = self._decode(self.params, self.cache, self.state, tokens, running,
-                                                   protect_rows, protect, sampling)
+        with self._scope():
+            self.cache, self.state, out = self._decode(self.params, self.cache, self.state, tokens, running,
+                                                       protect_rows, protect, sampling)
         return out
 
     def decode_many(self, tokens, budget, protect_rows, protect,
@@ -239,20 +327,23 @@ class Steps:
         each slot's count of tokens sampled before this dispatch. Protected rows as in `decode`.
         Returns the samples `[decode_steps, B]` (row i: the i-th token of this dispatch) and the
         int32 `[B]` count of valid ones per slot."""
-        self.cache, self.state, out, count = self._decode_many(
-            self.params, self.cache, self.state, tokens, budget, protect_rows, protect, sampling)
+        with self._scope():
+            self.cache, self.state, out, count = self._decode_many(
+                self.params, self.cache, self.state, tokens, budget, protect_rows, protect, sampling)
         return out, count
 
     def save_prefix(self, slot: int, index: int) -> None:
         """Copy slot `slot`'s lightning states and seen tokens to snapshot `index`."""
-        self.store = self._save_prefix(self.store, self.cache, self.state, np.int32(slot), np.int32(index))
+        with self._scope():
+            self.store = self._save_prefix(self.store, self.cache, self.state, np.int32(slot), np.int32(index))
 
     def restore_prefix(self, slot: int, index: int, length: int) -> None:
         """Make the just reset slot `slot` continue after a cached prefix of `length` tokens: its
         lightning states and seen tokens from snapshot `index`, its first `length` K/V slots in
         use (its first length / Z pages must hold the prefix's K/V), position `length`."""
-        self.cache, self.state = self._restore_prefix(self.cache, self.state, self.store, np.int32(slot),
-                                                      np.int32(index), np.int32(length))
+        with self._scope():
+            self.cache, self.state = self._restore_prefix(self.cache, self.state, self.store, np.int32(slot),
+                                                          np.int32(index), np.int32(length))
 
     def cache_alive(self) -> bool:
         """False when a failed step consumed the (donated) cache, state or prefix store; `rebuild`
@@ -264,4 +355,4 @@ class Steps:
         (after a step failed and consumed the old ones)."""
         self.cache, self.state = self._empty()
         if self.store is not None:
-            self.store = PrefixStore.empty(self.config, self.prefix_snapshots)
+            self.store = self._empty_store()

@@ -129,10 +129,8 @@ def build_model(tcfg: TrainConfig, mcfg: MiniMaxConfig, *, mesh: jax.sharding.Me
         state = jax.jit(lambda: nnx.state(create(), nnx.Param), out_shardings=shardings)()
     else:
         loaded = load_model(tcfg.init_from, dtype=cfg.param_dtype, quantize=lcfg.quantize, verify=verify,
-                            allow_non_finite=allow_non_finite)
+                            allow_non_finite=allow_non_finite, mesh=mesh)
         state = nnx.state(loaded, nnx.Param)
-        if shardings is not None:
-            state = jax.device_put(state, shardings)
         log.info("initialised from %s (architecture from its config.json)", tcfg.init_from)
     nnx.update(model, state)
     if lcfg.enabled:
