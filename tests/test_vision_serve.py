@@ -122,3 +122,21 @@ def test_concurrent_image_and_text_requests_answer_as_alone(served, request):
         del steps.prefill
     assert any(shared), "the two prompts never shared a prefill step"
     assert together == alone
+
+
+def test_the_vision_step_compiles_once_per_crop_bucket(served, request):
+    """The vision tower runs compiled with its crops padded to a power of two: requests of
+    images making different numbers of crops compile at most one program per bucket, and asking
+    again compiles nothing."""
+    rng = np.random.default_rng(node_seed(request))
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in ((28, 28), (40, 90), (90, 40))]
+    crops = [preprocess(served.model.config, [image])[0].shape[0] for image in images]
+    buckets = {1 << (n - 1).bit_length() for n in crops}
+    steps = served.engine.steps
+    sizes = [steps._crop_features._cache_size()]
+    for _ in range(2):
+        for image in images:
+            r = chat(served, [{"type": "image_url", "image_url": {"url": data_url(image)}}], max_tokens=1)
+            assert r.status_code == 200, r.text
+        sizes.append(steps._crop_features._cache_size())
+    assert len(set(crops)) > 1 and sizes[1] - sizes[0] <= len(buckets) and sizes[2] == sizes[1], (crops, sizes)

@@ -238,6 +238,7 @@ class Steps:
         self._decode_many = jax.jit(functools.partial(decode_loop, steps=decode_steps), donate_argnums=(1, 2))
         self._save_prefix = jax.jit(save_prefix, donate_argnums=(0,))
         self._restore_prefix = jax.jit(restore_prefix, donate_argnums=(0, 1))
+        self._crop_features = jax.jit(lambda params, pixels: nnx.merge(self.graphdef, params).crop_features(pixels))
 
     def _new_cache(self) -> Cache:
         """An empty cache for all slots, none holding pages."""
@@ -305,10 +306,17 @@ class Steps:
 
     def image_features(self, pixel_values: np.ndarray, image_sizes: np.ndarray) -> jax.Array:
         """A VL model's image tokens `[n, D]` of one prompt's images (see
-        `MiniMaxVLForConditionalGeneration.image_features`)."""
+        `MiniMaxVLForConditionalGeneration.image_features`). The vision tower and projector run
+        compiled, their crops padded to a power of two, so requests reuse a few programs."""
         model = nnx.merge(self.graphdef, self.params)
+
+        def crop_features(pixels: jax.Array) -> jax.Array:
+            n = pixels.shape[0]
+            padded = jnp.pad(pixels, ((0, (1 << max(n - 1, 0).bit_length()) - n),) + ((0, 0),) * 3)
+            return self._crop_features(self.params, padded)[:n]
+
         with self._scope():
-            return model.image_features(jnp.asarray(pixel_values), image_sizes)
+            return model.image_features(jnp.asarray(pixel_values), image_sizes, crop_features=crop_features)
 
     def decode(self, tokens, running, protect_rows, protect, sampling: SamplingBatch) -> Sampled:
         """Feed int32 tokens `[B]` to all slots; only slots with running bool `[B]` write K/V, and

@@ -4,7 +4,7 @@ the MiniMax-Text-01 language model runs on the result (spec minimax-vl-01)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +51,19 @@ class MiniMaxVLForConditionalGeneration(nnx.Module):
         dtype (P = patches per crop)."""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
-    def image_features(self, pixel_values: jax.Array, image_sizes: np.ndarray | Sequence[Sequence[int]]) -> jax.Array:
+    def image_features(self, pixel_values: jax.Array, image_sizes: np.ndarray | Sequence[Sequence[int]], *,
+                       crop_features: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
         """pixel_values `[total crops, 3, S, S]` (from `preprocess`) and host image_sizes
         `[n_images, 2]` (height, width) -> the image tokens of all images in order
-        `[sum of image_token_count, Dt]` in the compute dtype."""
+        `[sum of image_token_count, Dt]` in the compute dtype. `crop_features` computes
+        `self.crop_features` (e.g. a compiled form of it; default the method itself)."""
         vcfg = self.config.vision
         sizes = image_sizes_list(image_sizes)
         counts = [num_crops(vcfg, h, w) for h, w in sizes]
         if pixel_values.ndim != 4 or pixel_values.shape[0] != sum(counts):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, but image_sizes {sizes} "
                              f"need {sum(counts)} crops [N, 3, {vcfg.image_size}, {vcfg.image_size}]")
-        feats = self.crop_features(pixel_values)
+        feats = (crop_features or self.crop_features)(pixel_values)
         starts = np.cumsum([0] + counts)
         return jnp.concatenate([
             pack_image(vcfg, feats[starts[i]:starts[i + 1]], self.image_newline[...], h, w)
