@@ -17,8 +17,6 @@ so a mesh with another axis of more than one device takes the XLA form instead.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -55,18 +53,16 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, causal_offset: bool) -> b
             and mesh_spec(b, t, n) is not None)
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(t: int, group: int, interpret: bool):
-    """Splash's MQA kernel for G = group query heads over T tokens, causal. Built eagerly even when
-    first asked for inside a trace: the kernel holds its mask tables as arrays, and the cached
-    kernel is reused by later traces."""
+    """Splash's MQA kernel for G = group query heads over T tokens, causal. Made anew in each
+    trace (its mask tables become that trace's constants; splash caches the mask processing
+    itself), so no kernel holds another trace's arrays."""
     block = block_length(t)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
     mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * group)
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _local(q, k, v, q_seg, kv_seg, *, interpret: bool):

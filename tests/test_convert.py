@@ -457,11 +457,14 @@ def test_corrupt_byte_in_checkpoint_data_is_named(dirs, tmp_path, capsys):
     code, err = convert_main(capsys, "--to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"))
     assert code == 1 and "tensor blocks.layers.1.block_sparse_moe.w2.value does not match" in err
     assert not (tmp_path / "hf").exists()
-    # a model saved by save_model (Orbax's own OCDBT files) is checked as well
+    # a model saved by save_model (Orbax's own OCDBT files) is checked as well: the flipped bytes
+    # land in a compressed block (which block is largest varies with how Orbax laid out the
+    # files), and either its decompression or the checksum names the tensor
     saved = tmp_path / "saved"
     save_model(load_model(dirs["ckpt"]), saved)
     flip_bytes(max((f for f in (saved / STATE_DIR).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size))
-    with pytest.raises(CheckpointError, match=f"{saved}: tensor .* does not match its checksum"):
+    with pytest.raises(CheckpointError, match=f"{saved}(/{STATE_DIR})?: (tensor .* does not match its checksum|"
+                                              r"cannot read param \S+ \(corrupt or missing data\))"):
         load_model(saved)
 
 
