@@ -136,7 +136,7 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
                 s = pl.run_scoped(scores, plgpu.ACC((ROWS, BLOCK_KV), f32)) * scale
                 visible = cols + (first + step) * BLOCK_KV <= offset
                 if segments:
-                    seg = plgpu.load(seg_smem.at[slot], layout=wgmma.reduce(0))
+                    seg = plgpu.load(seg_smem.at[slot], layout=wgmma.reduce(0), optimized=False)
                     visible &= lax.broadcast_in_dim(seg, (ROWS, BLOCK_KV), [1]) == q_seg
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = jnp.where(visible, s, -jnp.inf)
@@ -164,7 +164,7 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
             seen = l_i > 0
             inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
             o_ref.at[row, head, split][...] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-            lse_ref.at[row, head, split][...] = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)),
+            lse_ref.at[row, head, split][...] = jnp.where(seen, m_i + jnp.log(jnp.where(seen, l_i, 1.0)) * LOG2E,
                                                           -jnp.inf)
 
     scratch = [plgpu.SMEM((ROWS, kd), dtype, transforms=_transforms(dtype)),
