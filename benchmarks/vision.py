@@ -47,7 +47,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from typing import Callable
 
@@ -66,7 +65,7 @@ from benchmarks.step_timing import median_time, peak_gib  # noqa: E402
 from minimax_jax import MiniMaxConfig  # noqa: E402
 from minimax_jax.hf_names import REMOTE  # noqa: E402
 from minimax_jax.serving.chat import ChatTemplate  # noqa: E402
-from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
+from minimax_jax.serving.engine import Engine, SamplingParams  # noqa: E402
 from minimax_jax.serving.images import IMAGE_PLACEHOLDER, ImageInput, decode_data_url, expand_prompt  # noqa: E402
 from minimax_jax.serving.steps import Steps  # noqa: E402
 from minimax_jax.vision import MiniMaxVLConfig, MiniMaxVLForConditionalGeneration  # noqa: E402
@@ -216,20 +215,10 @@ def image_request(cfg: MiniMaxVLConfig, url: str, tokenizer: NoEosTokenizer) -> 
 
 def first_token(engine: Engine, prompt: list[int], images: ImageInput, timeout: float = 3600) -> float:
     """Submit a greedy one-token request with images; seconds from submission to its token."""
-    done = threading.Event()
-    outputs: list[Output] = []
-
-    def collect(out: Output) -> None:
-        outputs.append(out)
-        if out.finish_reason is not None:
-            done.set()
-
     t0 = time.perf_counter()
-    engine.submit(prompt, SamplingParams(max_tokens=1, temperature=0.0), collect, images=images)
-    if not done.wait(timeout):
-        raise TimeoutError(f"no token within {timeout} s")
-    if not outputs[-1].token_ids:
-        raise RuntimeError(f"the request ended without a token: {outputs[-1].finish_reason} {outputs[-1].error}")
+    out = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0), timeout, images=images)
+    if not out.token_ids:
+        raise RuntimeError(f"the request ended without a token: {out.finish_reason} {out.error}")
     return time.perf_counter() - t0
 
 

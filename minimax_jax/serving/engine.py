@@ -435,8 +435,10 @@ class Engine:
             self._aborts.add(request_id)
             self._cond.notify()
 
-    def generate(self, prompt: list[int], params: SamplingParams, timeout: float = 600) -> Output:
-        """Submit and wait: all outputs of one request merged into one (blocking)."""
+    def generate(self, prompt: list[int], params: SamplingParams, timeout: float = 600,
+                 images: ImageInput | None = None) -> Output:
+        """Submit (with a VL model's `images`, as `submit` takes them) and wait: all outputs of one
+        request merged into one (blocking)."""
         done = threading.Event()
         parts: list[Output] = []
 
@@ -445,7 +447,7 @@ class Engine:
             if out.finish_reason is not None:
                 done.set()
 
-        self.submit(prompt, params, collect)
+        self.submit(prompt, params, collect, images=images)
         if not done.wait(timeout):
             raise TimeoutError(f"no result within {timeout} s")
         return merge_outputs(parts)
