@@ -4,6 +4,8 @@ the same for Hugging Face transformers' `generate` on the same weights (exported
     python benchmarks/serve.py --config configs/small.yaml --batches 1 8 64 --hf --out results.json
     python benchmarks/serve.py --config configs/small.yaml --override hidden_size=512 ... \
         --long-prompt 1048576 --prefill-chunk 8192      # one long prefill: seconds, peak memory
+    python benchmarks/serve.py --config configs/small.yaml --prefix-ttft 4096   # prefix cache: cold / cached
+    python benchmarks/serve.py --config configs/small.yaml --quantize int8      # int8 expert/attention weights
 
 Random weights (the speed does not depend on them), random prompt ids, greedy, no EOS (every
 request generates exactly --new-tokens). Per batch size b, b requests arrive at once:
@@ -17,6 +19,12 @@ request generates exactly --new-tokens). Per batch size b, b requests arrive at 
 - HF TTFT: `generate(max_new_tokens=1)` on the [b, prompt] batch (best of 3); HF decode tokens/s:
   b * (new_tokens - 1) / (t(new_tokens) - t(1)). transformers' native MiniMax rotates the whole
   head (ignores rotary_dim), a negligible difference in work.
+--quantize int8 | fp8: the engine's model with its expert and attention weights quantized
+(`quant.quantize_model`; the bytes read per step count them at their stored size).
+--prefix-ttft N: instead, TTFT of one request whose prompt is an N-token shared prefix and 16
+tokens of its own, on an engine with the prefix cache on: cold (the prefix not cached) and
+cached (a second request with the same prefix and other 16 tokens), medians of --repeats
+distinct prefixes, after one warm-up pair that compiles every prefill bucket the pair meets.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
+from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, quant  # noqa: E402
 from minimax_jax.cache import init_cache  # noqa: E402
 from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
 from minimax_jax.tokenizer import ByteTokenizer  # noqa: E402
@@ -164,6 +172,37 @@ def bench_long_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> dict:
     return result
 
 
+def bench_prefix_ttft(model, prefix_len: int, chunk: int, repeats: int, seed: int = 0) -> dict:
+    """TTFT of a prompt of `prefix_len` shared tokens + 16 of its own: the prefix cold, then cached."""
+    suffix = 16
+    engine = Engine(model, NoEosTokenizer(), max_batch=1, max_context=prefix_len + suffix + 2,
+                    prefill_chunk=chunk, prefill_rows=1, prefix_cache_slots=4)
+    engine.start()
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+
+    def ttft(prompt: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        engine.generate(prompt.tolist(), params, timeout=3600)
+        return time.perf_counter() - t0
+
+    def pair() -> tuple[float, float]:
+        prefix = rng.integers(0, model.config.vocab_size, prefix_len)
+        own = rng.integers(0, model.config.vocab_size, (2, suffix))
+        return ttft(np.concatenate([prefix, own[0]])), ttft(np.concatenate([prefix, own[1]]))
+
+    warm = pair()  # compiles the buckets both requests meet
+    cold, cached = zip(*(pair() for _ in range(repeats)))
+    engine.stop()
+    result = {"prefix_tokens": prefix_len, "own_tokens": suffix, "chunk": chunk, "warmup_s": list(warm),
+              "cold_ttft_s": float(np.median(cold)), "cached_ttft_s": float(np.median(cached)),
+              "speedup": float(np.median(cold) / np.median(cached)),
+              "prefix_hits": engine.metrics.prefix_hits, "prefix_misses": engine.metrics.prefix_misses,
+              "prefix_hit_tokens": engine.metrics.prefix_hit_tokens}
+    print(f"prefix TTFT: {result}", flush=True)
+    return result
+
+
 def bench_hf(model, batches, prompt_len, new_tokens, seed=0) -> dict:
     import torch
     import transformers
@@ -217,17 +256,29 @@ def main() -> None:
     p.add_argument("--hf", action="store_true", help="also time transformers' generate")
     p.add_argument("--long-prompt", type=int, default=0,
                    help="instead: prefill one prompt of this many tokens; time and peak memory")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="quantize the expert and attention weights of the engine's model")
+    p.add_argument("--prefix-ttft", type=int, default=0,
+                   help="instead: TTFT of a prompt with this many shared prefix tokens, cold and cached")
+    p.add_argument("--repeats", type=int, default=3, help="prefixes timed by --prefix-ttft")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    if args.hf and args.quantize:
+        p.error("--hf times transformers on the bf16 weights: run it without --quantize")
 
     import jax
 
     cfg = MiniMaxConfig.from_yaml(args.config, args.override)
     model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
-    if args.long_prompt:
+    if args.quantize:
+        quant.quantize_model(model, args.quantize)
+    if args.long_prompt or args.prefix_ttft:
         results = {"device": str(jax.devices()[0].device_kind), "config": args.config,
-                   "overrides": args.override, "long_prefill": bench_long_prefill(model, args.long_prompt,
-                                                                                   args.prefill_chunk)}
+                   "overrides": args.override, "quantize": args.quantize}
+        if args.long_prompt:
+            results["long_prefill"] = bench_long_prefill(model, args.long_prompt, args.prefill_chunk)
+        else:
+            results["prefix_ttft"] = bench_prefix_ttft(model, args.prefix_ttft, args.prefill_chunk, args.repeats)
         print(json.dumps(results, indent=2))
         if args.out:
             with open(args.out, "w") as f:
@@ -235,7 +286,7 @@ def main() -> None:
         return
     bandwidth = copy_bandwidth() if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
     results = {"device": str(jax.devices()[0].device_kind), "config": args.config, "overrides": args.override,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode_steps": args.decode_steps,
+               "quantize": args.quantize, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode_steps": args.decode_steps,
                "bandwidth_bytes_per_s": bandwidth,
                "engine": bench_engine(model, args.batches, args.prompt_len, args.new_tokens,
                                       args.prefill_chunk, args.prefill_rows, args.decode_steps, bandwidth)}
