@@ -3,6 +3,7 @@ prompt through the serving engine.
 
     python3 benchmarks/long_context.py --out $OUT --train 2048x16,32768,131072,524288,1048576 --budget 500
     python3 benchmarks/long_context.py --out $OUT --prefill 1048576,4194304 --budget 500
+    python3 benchmarks/long_context.py --out $OUT --ops 2097152,4194304 --budget 200
 
 --train: for each seq_len (batch 1 unless SEQxBATCH, remat from 32,768 tokens, bf16 compute,
     float32 master weights, AdamW), in a
@@ -18,6 +19,12 @@ prompt through the serving engine.
     16 greedy decoded tokens: prefill seconds (to the first token; the prompt's second run, the
     first compiles), ms per decoded token after it, peak memory. Progress lines show each phase
     and each XLA compilation as it ends (the row's "compiles": program name, seconds).
+--ops: for each prompt length, the long prefill's attention ops alone at its shapes (one row,
+    4 heads of 128, 1 KV head, bf16), each logged as it starts and ends, so a prefill that never
+    returns shows which op holds it: the lightning kernel (checked: the second half of its output
+    equals the second half run alone from the first half's state, 1e-2 of max |o|) and the softmax
+    op as the first prefill chunk calls it (own segment ids; checked on the last 1,024 queries
+    against the blockwise XLA form over all keys, 1e-2 of max |o|); seconds of the second call.
 Results: one JSON line per row on stdout, all rows in --out/long_context.json.
 """
 
@@ -163,6 +170,50 @@ def prefill_row(n_tokens: int, save, new_tokens: int = 16) -> dict:
     return row
 
 
+def ops_row(n_tokens: int, save) -> dict:
+    """The long prefill's attention ops alone at n_tokens (see --ops), each saved as it ends."""
+    import jax
+    import jax.numpy as jnp
+
+    import pallas_kernels
+
+    h, d, half, tail = 4, 128, n_tokens // 2, 1024
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (1, n_tokens, h, d), jnp.bfloat16) for kk in keys[:3])
+    slopes = jnp.asarray([0.9, 0.3, 0.05, 0.01], jnp.float32)
+    row: dict = {"tokens": n_tokens}
+
+    def timed(name: str, fn, *args):
+        print(f"ops {n_tokens}: {name} started", flush=True)
+        out = jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        row[f"{name}_s"] = time.perf_counter() - t0
+        print(f"ops {n_tokens}: {name} {row[f'{name}_s']:.3f} s", flush=True)
+        return out
+
+    light = jax.jit(lambda q, k, v, s0: pallas_kernels.lightning_attention(
+        q, k, v, slopes, initial_state=s0, impl="auto"))
+    o, _ = timed("lightning", light, q, k, v, None)
+    _, state = light(q[:, :half], k[:, :half], v[:, :half], None)
+    o2, _ = light(q[:, half:], k[:, half:], v[:, half:], state)
+    row["lightning_error"] = float(jnp.max(jnp.abs(o[:, half:].astype(jnp.float32) - o2.astype(jnp.float32)))
+                                   / jnp.max(jnp.abs(o2.astype(jnp.float32))))
+    save(row)
+    kv = k[:, :, :1], v[:, :, :1]
+    seg = jnp.zeros((1, n_tokens), jnp.int32)
+    soft = jax.jit(lambda q, k, v: pallas_kernels.softmax_attention(
+        q, k, v, q_segment_ids=seg, kv_segment_ids=jnp.where(seg == 0, 0, -1)))
+    o = timed("softmax", soft, q, *kv)
+    want = jax.jit(lambda q, k, v: pallas_kernels.softmax_attention(
+        q, k, v, q_offset=jnp.full((1,), n_tokens - tail, jnp.int32), impl="xla"))(q[:, -tail:], *kv)
+    row["softmax_error"] = float(jnp.max(jnp.abs(o[:, -tail:].astype(jnp.float32) - want.astype(jnp.float32)))
+                                 / jnp.max(jnp.abs(want.astype(jnp.float32))))
+    print(f"ops {n_tokens}: errors lightning {row['lightning_error']:.2e}, softmax {row['softmax_error']:.2e}",
+          flush=True)
+    return row
+
+
 def run_child(kind: str, size: str, out: str, timeout: float, steps: int, docs: int) -> dict:
     """Run one row in a fresh process; its result, or the error it ended with."""
     from benchmarks.step_timing import run_child as run_process
@@ -179,6 +230,7 @@ def main() -> None:
     p.add_argument("--out", default=".")
     p.add_argument("--train", default="", help="comma-separated seq_lens, SEQxBATCH for batch > 1")
     p.add_argument("--prefill", default="", help="comma-separated prompt lengths")
+    p.add_argument("--ops", default="", help="comma-separated prompt lengths: the prefill's attention ops alone")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--docs", type=int, default=8, help="documents per training row (mean)")
     p.add_argument("--budget", type=float, default=540, help="seconds for all rows")
@@ -197,6 +249,8 @@ def main() -> None:
         if kind == "train":
             seq_len, _, batch = size.partition("x")
             row = train_row(int(seq_len), int(batch or 1), args.steps, args.docs)
+        elif kind == "ops":
+            row = ops_row(int(size), save)
         else:
             row = prefill_row(int(size), save)
         save(row)
@@ -207,7 +261,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     deadline = time.time() + args.budget
     rows = []
-    for kind, sizes in (("train", args.train), ("prefill", args.prefill)):
+    for kind, sizes in (("train", args.train), ("ops", args.ops), ("prefill", args.prefill)):
         for size in [s for s in sizes.split(",") if s]:
             left = deadline - time.time()
             if left < 30:

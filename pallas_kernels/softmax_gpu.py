@@ -4,7 +4,8 @@ Each program takes one row b, one KV head n and one split of the row's visible k
 query heads of the group (G = H / N of them, padded to a 64-row wgmma tile) stay in shared memory;
 a memory warpgroup streams the key and value slots ``BLOCK_KV`` at a time straight from the page
 pool (one TMA copy per page of ``Z`` slots into consecutive rows of a shared-memory block, the page
-read from the page table: no gather copy), ``STAGES`` blocks in flight. The compute warpgroup
+read from the page table: no gather copy), as many blocks in flight (2 or 3, ``stages``) as fit in
+Hopper's shared memory. The compute warpgroup
 scores a block (``q @ k^T``, wgmma), masks it (slot > q_offset[b], or a key segment id other than
 the query's), folds it into a float32 online softmax (row max and sum in registers) and adds
 ``p @ v`` (wgmma, p staged in shared memory). Only blocks holding a visible slot are read, so a row with a
@@ -29,19 +30,39 @@ from pallas_kernels.device import is_hopper
 
 ROWS = 64  # query rows of a program (one wgmma M tile: the group's heads, zero-padded)
 BLOCK_KV = 128  # key slots scored per step
-STAGES = 3  # key / value blocks in flight
+MAX_STAGES = 3  # key / value blocks in flight, at most
+SMEM_BYTES = 232_448  # shared memory a Hopper block may take (227 KiB)
+SMEM_RESERVE = 4_096  # Mosaic's own use beyond the scratch buffers (2,560 bytes on an H200, read from its error message)
 TARGET_PROGRAMS = 264  # programs to fill 132 multiprocessors twice
 LOG2E = math.log2(math.e)
 
 
+def smem_bytes(head_dim: int, itemsize: int, stages: int, segments: bool) -> int:
+    """Shared memory of the kernel's scratch buffers in bytes: the query tile, the softmax weights'
+    tile, ``stages`` key and value blocks, their key segment ids (with ``segments``) and the
+    barriers."""
+    tiles = itemsize * (ROWS * head_dim + ROWS * BLOCK_KV + 2 * stages * BLOCK_KV * head_dim)
+    return tiles + (4 * stages * BLOCK_KV if segments else 0) + 8 * (1 + 4 * stages)
+
+
+def stages(head_dim: int, itemsize: int, segments: bool) -> int:
+    """Key / value blocks in flight: the most (up to ``MAX_STAGES``) whose buffers and Mosaic's
+    reserve fit ``SMEM_BYTES``; 0 when not even double buffering fits."""
+    fits = [s for s in range(2, MAX_STAGES + 1)
+            if smem_bytes(head_dim, itemsize, s, segments) + SMEM_RESERVE <= SMEM_BYTES]
+    return max(fits, default=0)
+
+
 def supports(q: jax.Array, key_pages: jax.Array, interpret: bool = False) -> bool:
     """Whether the kernel takes this call: q ``[B, 1, H, K]`` (one query token per row), pages
-    ``[P, Z, N, K]`` in q's 16-bit dtype, K a multiple of 64 up to 256, at most 64 query heads per
-    KV head, Z a multiple of 8 dividing ``BLOCK_KV``; on a Hopper GPU unless ``interpret``."""
+    ``[P, Z, N, K]`` in q's 16-bit dtype, K a multiple of 64 whose double-buffered blocks fit in
+    shared memory (K <= 128), at most 64 query heads per KV head, Z a multiple of 8 dividing
+    ``BLOCK_KV``; on a Hopper GPU unless ``interpret``."""
     _, t, h, k = q.shape
     _, z, n, _ = key_pages.shape
     return ((interpret or is_hopper()) and t == 1 and q.dtype == key_pages.dtype
-            and q.dtype in (jnp.bfloat16, jnp.float16) and k % 64 == 0 and k <= 256
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k % 64 == 0
+            and stages(k, q.dtype.itemsize, True) >= 2
             and h % n == 0 and h // n <= ROWS and z % 8 == 0 and BLOCK_KV % z == 0)
 
 
@@ -66,6 +87,7 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
     pages_per_block = BLOCK_KV // z
     segments = kv_segment_ids is not None
     dtype = q.dtype
+    n_stages = stages(kd, dtype.itemsize, segments)
     f32 = jnp.float32
     wgmma = plgpu.Layout.WGMMA
     scale = LOG2E / math.sqrt(kd)
@@ -94,9 +116,9 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
 
             @pl.loop(0, steps)
             def _(step):
-                slot = lax.rem(step, STAGES)
+                slot = lax.rem(step, n_stages)
 
-                @pl.when(step >= STAGES)
+                @pl.when(step >= n_stages)
                 def _():
                     plgpu.barrier_wait(k_free.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
@@ -111,10 +133,10 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
                     plgpu.copy_gmem_to_smem(k_ref.at[page, :, head], k_smem.at[slot, rows], k_bar.at[slot])
                     plgpu.copy_gmem_to_smem(v_ref.at[page, :, head], v_smem.at[slot, rows], v_bar.at[slot])
 
-            @pl.loop(jnp.maximum(steps - STAGES, 0), steps)
+            @pl.loop(jnp.maximum(steps - n_stages, 0), steps)
             def _(step):  # the last blocks are consumed before the barriers go away
-                plgpu.barrier_wait(k_free.at[lax.rem(step, STAGES)])
-                plgpu.barrier_wait(v_free.at[lax.rem(step, STAGES)])
+                plgpu.barrier_wait(k_free.at[lax.rem(step, n_stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(step, n_stages)])
 
         @pl.when(wg == 0)
         def _compute():
@@ -126,7 +148,7 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
 
             def body(step, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(step, STAGES)
+                slot = lax.rem(step, n_stages)
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def scores(acc_ref):
@@ -169,16 +191,16 @@ def _partials(q, key_pages, value_pages, page_table, q_segment_ids, kv_segment_i
 
     scratch = [plgpu.SMEM((ROWS, kd), dtype, transforms=_transforms(dtype)),
                plgpu.SMEM((ROWS, BLOCK_KV), dtype, transforms=_transforms(dtype)),
-               plgpu.SMEM((STAGES, BLOCK_KV, kd), dtype, transforms=_transforms(dtype)),
-               plgpu.SMEM((STAGES, BLOCK_KV, kd), dtype, transforms=_transforms(dtype))]
+               plgpu.SMEM((n_stages, BLOCK_KV, kd), dtype, transforms=_transforms(dtype)),
+               plgpu.SMEM((n_stages, BLOCK_KV, kd), dtype, transforms=_transforms(dtype))]
     if segments:
-        scratch.append(plgpu.SMEM((STAGES, BLOCK_KV), jnp.int32))
+        scratch.append(plgpu.SMEM((n_stages, BLOCK_KV), jnp.int32))
     loads = pages_per_block + (1 if segments else 0)
     scratch += [plgpu.Barrier(),
-                plgpu.Barrier(num_arrivals=loads, num_barriers=STAGES),
-                plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=STAGES),
-                plgpu.Barrier(num_barriers=STAGES),
-                plgpu.Barrier(num_barriers=STAGES)]
+                plgpu.Barrier(num_arrivals=loads, num_barriers=n_stages),
+                plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=n_stages),
+                plgpu.Barrier(num_barriers=n_stages),
+                plgpu.Barrier(num_barriers=n_stages)]
     interpret_params = None
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import paged_softmax_attention, softmax_attention
-from pallas_kernels.softmax_gpu import BLOCK_KV, paged_decode_attention
+from pallas_kernels.softmax_gpu import BLOCK_KV, SMEM_BYTES, paged_decode_attention, smem_bytes, stages, supports
 from pallas_kernels.softmax_cudnn import (MAX_CALL_ELEMENTS, MAX_SEGMENTS, PACKED_WORKSPACE_BYTES,
                                            by_head_groups, head_groups, packed_plan, packed_segments)
 
@@ -147,9 +147,21 @@ def test_paged_equals_contiguous_with_stale_pages(rng, block_k):
 # output is rounded to bf16, so outputs (|o| <= max |v| ~ 4) stay within 1e-2 of max |o|.
 DECODE_CASES = {  # b, h, n, d, page size, pages per row, offsets, segments, splits
     "gqa4-segments": (2, 8, 2, 64, 16, 24, [300, 37], True, None),
-    "mha-page32-one-split": (1, 2, 2, 128, 32, 24, [700], False, 1),  # 6 blocks through 3 stages
+    "mha-page32-one-split": (1, 2, 2, 128, 32, 24, [700], False, 1),  # 6 blocks through 2 stages
     "edges": (3, 4, 1, 64, 16, 16, [0, 255, 128], True, None),  # first slot only; last; block start
+    "d64-three-stages": (1, 4, 1, 64, 16, 40, [600], True, 1),  # 5 blocks through 3 stages
 }
+
+
+def test_decode_kernel_buffers_fit_shared_memory():
+    """Head dim 64 keeps three blocks in flight, MiniMax's 128 two (three came to 233,576 bytes,
+    which a Hopper compile refuses); 192 does not fit even two, so the kernel declines it and the
+    call falls back."""
+    assert stages(64, 2, True) == 3 and stages(128, 2, True) == 2 and stages(192, 2, False) == 0
+    assert smem_bytes(128, 2, 2, True) < SMEM_BYTES < smem_bytes(128, 2, 3, True) + 2_560
+    page = jnp.zeros((4, 16, 1, 192), jnp.bfloat16)
+    assert not supports(jnp.zeros((1, 1, 4, 192), jnp.bfloat16), page, interpret=True)
+    assert supports(jnp.zeros((1, 1, 4, 128), jnp.bfloat16), page[..., :128], interpret=True)
 
 
 @pytest.mark.parametrize("case", sorted(DECODE_CASES))
