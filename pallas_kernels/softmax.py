@@ -14,7 +14,8 @@ compiled ahead of time for a TPU takes it too, and "xla" elsewhere), "xla" (bloc
 XLA, memory linear in T and S in forward and backward, any backend), "reference" (all scores at
 once; the oracle), "pallas" (for ``paged_softmax_attention`` of one query token per row: the
 Mosaic GPU decode kernel of ``softmax_gpu`` on Hopper, reading pages in place; self-attention
-takes "xla") and "auto" (cuDNN where it supports the call, splash on TPU, else "xla"). A call an
+takes "xla") and "auto" (cuDNN where it supports the call, splash on TPU, the decode kernel for
+paged decode on Hopper, else "xla"). A call an
 implementation does not support falls back to "xla".
 Under a mesh (``jax.set_mesh``) with a ``sequence`` axis of size P > 1, self-attention (no
 q_offset) other than "reference" runs as ring attention over that axis (``sharding.softmax``,
@@ -136,7 +137,7 @@ def paged_softmax_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax
     b's key slot s is offset s % Z of page page_table[b, s // Z] (S = R * Z slots; entries out of
     range read some page, which the mask must hide through kv_segment_ids ``[B, S]``). Pages are
     read block by block through the table, never gathered whole. "reference" gathers all pages
-    and runs the reference; "pallas" runs the Mosaic GPU decode kernel where it supports the call
+    and runs the reference; "pallas" and "auto" run the Mosaic GPU decode kernel where it supports the call
     (``softmax_gpu.supports``: Hopper, T 1, pages in q's 16-bit dtype; outside a mesh or on a
     mesh of one device); every other call runs the blockwise XLA form (blocks block_q query rows
     by block_k key slots, rounded down to whole pages). Returns ``[B, T, H, K]`` in q's dtype.
@@ -155,7 +156,7 @@ def paged_softmax_attention(q: jax.Array, key_pages: jax.Array, value_pages: jax
                 for x in (key_pages, value_pages))
         return softmax_attention_reference(q, k.astype(q.dtype), v.astype(q.dtype), q_segment_ids,
                                            kv_segment_ids, offset)
-    if impl == "pallas" and softmax_gpu.supports(q, key_pages) and can_run_mosaic():
+    if impl in ("pallas", "auto") and softmax_gpu.supports(q, key_pages) and can_run_mosaic():
         return run_manual(softmax_gpu.paged_decode_attention, (q, key_pages, value_pages, page_table,
                                                               q_segment_ids, kv_segment_ids, offset))
     return paged_attention_xla(q, key_pages, value_pages, page_table, q_segment_ids,
