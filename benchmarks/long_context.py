@@ -176,6 +176,7 @@ def ops_row(n_tokens: int, save) -> dict:
     import jax.numpy as jnp
 
     import pallas_kernels
+    from benchmarks.softmax_attention import rel_err
 
     h, d, half, tail = 4, 128, n_tokens // 2, 1024
     keys = jax.random.split(jax.random.key(0), 4)
@@ -197,8 +198,7 @@ def ops_row(n_tokens: int, save) -> dict:
     o, _ = timed("lightning", light, q, k, v, None)
     _, state = light(q[:, :half], k[:, :half], v[:, :half], None)
     o2, _ = light(q[:, half:], k[:, half:], v[:, half:], state)
-    row["lightning_error"] = float(jnp.max(jnp.abs(o[:, half:].astype(jnp.float32) - o2.astype(jnp.float32)))
-                                   / jnp.max(jnp.abs(o2.astype(jnp.float32))))
+    row["lightning_error"] = rel_err(o[:, half:], o2)
     save(row)
     kv = k[:, :, :1], v[:, :, :1]
     seg = jnp.zeros((1, n_tokens), jnp.int32)
@@ -207,8 +207,7 @@ def ops_row(n_tokens: int, save) -> dict:
     o = timed("softmax", soft, q, *kv)
     want = jax.jit(lambda q, k, v: pallas_kernels.softmax_attention(
         q, k, v, q_offset=jnp.full((1,), n_tokens - tail, jnp.int32), impl="xla"))(q[:, -tail:], *kv)
-    row["softmax_error"] = float(jnp.max(jnp.abs(o[:, -tail:].astype(jnp.float32) - want.astype(jnp.float32)))
-                                 / jnp.max(jnp.abs(want.astype(jnp.float32))))
+    row["softmax_error"] = rel_err(o[:, -tail:], want)
     print(f"ops {n_tokens}: errors lightning {row['lightning_error']:.2e}, softmax {row['softmax_error']:.2e}",
           flush=True)
     return row
