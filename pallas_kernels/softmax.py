@@ -1,8 +1,9 @@
-"""Causal GQA softmax attention: one op, several implementations.
+"""GQA softmax attention, causal or bidirectional: one op, several implementations.
 
 The mask, for every implementation: key j is visible to query i of row b iff
-``j <= i + q_offset[b]`` (causal; query i sits at key slot ``q_offset[b] + i``) and, when segment
-ids are given, ``q_segment_ids[b, i] == kv_segment_ids[b, j]``. Padding is a segment id that no
+``j <= i + q_offset[b]`` (causal; query i sits at key slot ``q_offset[b] + i``; with
+``causal=False`` every key passes this test) and, when segment ids are given,
+``q_segment_ids[b, i] == kv_segment_ids[b, j]``. Padding is a segment id that no
 query carries. Scores are scaled by 1/sqrt(K) and the softmax statistics are float32. A query that
 sees no key gets 0.
 
@@ -67,22 +68,30 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       kv_segment_ids: jax.Array | None = None,
                       q_offset: jax.Array | None = None, impl: str = "auto",
                       block_q: int | None = None, block_k: int | None = None,
-                      zigzag: bool = False) -> jax.Array:
-    """Causal GQA attention over contiguous keys (training, prefill), differentiable in q, k, v.
+                      zigzag: bool = False, causal: bool = True) -> jax.Array:
+    """GQA attention over contiguous keys (training, prefill, a vision tower), differentiable in
+    q, k, v.
 
     q ``[B, T, H, K]``; k, v ``[B, S, N, K]`` (N divides H; query head h uses kv head
     h // (H / N)); segment ids int ``[B, T]`` and ``[B, S]``; q_offset int32 ``[B]`` (None: 0).
     block_q, block_k: the "xla" form's blocks (default BLOCK_Q, BLOCK_K).
     zigzag: q, k, v and the segment ids are in the current mesh's zigzag order
     (``sharding.tokens.zigzag_order``; self-attention under a mesh with a ``sequence`` axis).
+    causal: False lets every query see every key its segment ids allow (no q_offset then; not
+    split over a ``sequence`` axis; cuDNN takes it without segment ids, the "xla" form otherwise).
     Returns ``[B, T, H, K]`` in q's dtype.
     """
     _check(q, k, v, q_segment_ids, kv_segment_ids, q_offset, impl, k.shape[1])
-    ring = q_offset is None and k.shape[1] == q.shape[1] and sequence_shards() > 1
+    if not causal and q_offset is not None:
+        raise ValueError("q_offset places queries for the causal mask; causal=False takes none")
+    ring = causal and q_offset is None and k.shape[1] == q.shape[1] and sequence_shards() > 1
     if zigzag and not ring:
-        raise ValueError("zigzag token order is for self-attention under a mesh with a sequence "
-                         "axis of more than one shard")
-    offset = jnp.zeros((q.shape[0],), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
+        raise ValueError("zigzag token order is for causal self-attention under a mesh with a "
+                         "sequence axis of more than one shard")
+    if not causal:  # every key slot j < S passes j <= i + S
+        offset = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+    else:
+        offset = jnp.zeros((q.shape[0],), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
 
     def xla() -> jax.Array:
         return attention_xla(q, k, v, q_segment_ids, kv_segment_ids, offset,
@@ -102,7 +111,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                       zigzag=zigzag)
     if impl in ("auto", "cudnn") and softmax_cudnn.supports(q, k, v, q_offset is not None):
         if q_segment_ids is None:
-            return softmax_cudnn.causal_cudnn(q, k, v)
+            return softmax_cudnn.self_cudnn(q, k, v, causal=causal)
+        if not causal:
+            return xla()
         limit, groups = softmax_cudnn.packed_plan(q, k.shape[2])
         if limit == 0:
             return xla()
@@ -111,7 +122,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         if q_segment_ids is kv_segment_ids:
             return cudnn()
         return jax.lax.cond(jnp.array_equal(q_segment_ids, kv_segment_ids), cudnn, xla)
-    if impl in ("auto", "splash") and softmax_tpu.supports(q, k, v, q_offset is not None):
+    if impl in ("auto", "splash") and causal and softmax_tpu.supports(q, k, v, q_offset is not None):
         return jax.lax.platform_dependent(tpu=lambda: _splash(q, k, v, q_segment_ids, kv_segment_ids, xla),
                                           default=xla)
     return xla()

@@ -118,19 +118,20 @@ def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Arra
     return lengths, offsets, ok
 
 
-def causal_cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """cuDNN flash attention, causal: q `[B, T, H, K]`, k and v `[B, T, N, K]` (bf16/f16) ->
-    `[B, T, H, K]` in q's dtype; the heads in groups where one call would be too large
-    (`head_groups`)."""
+def self_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+    """cuDNN flash attention, causal or bidirectional: q `[B, T, H, K]`, k and v `[B, T, N, K]`
+    (bf16/f16) -> `[B, T, H, K]` in q's dtype; the heads in groups where one call would be too
+    large (`head_groups`)."""
+    mask = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     call = lambda *qkv: cudnn.dot_product_attention(*qkv, scale=q.shape[-1] ** -0.5,  # noqa: E731
-                                                    mask_type=cudnn.MaskType.CAUSAL)
+                                                    mask_type=mask)
     return by_head_groups(call, q, k, v, head_groups(q, k.shape[2]))
 
 
 def packed_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                  fallback: Callable[[], jax.Array], *, max_segments: int,
                  head_groups: int = 1) -> jax.Array:
-    """cuDNN flash attention, causal within documents: `causal_cudnn` with segment_ids int
+    """cuDNN flash attention, causal within documents: `self_cudnn` (causal) with segment_ids int
     `[B, T]` (the same for queries and keys).
 
     The B rows go to cuDNN as one packed row of max_segments segments (see

@@ -96,6 +96,28 @@ def test_values_and_gradients_match_float64(rng, case, impl):
         np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference", "cudnn"])
+@pytest.mark.parametrize("case", ["causal", "padded"])
+def test_bidirectional_values_and_gradients_match_float64(rng, case, impl):
+    """causal=False: every key its segment ids allow, later keys included (a vision tower)."""
+    b, t, h, n, d = 2, 45, 4, 2, 8
+    q, k, v, do = _inputs(rng, b, t, t, h, n, d)
+    q_seg, kv_seg = CASES[case](t)
+    seg = {} if q_seg is None else dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+
+    def loss(q, k, v):
+        o = softmax_attention(q, k, v, **seg, impl=impl, block_q=16, block_k=8, causal=False)
+        return jnp.sum(o * do), o
+
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    everything = np.full(b, t, np.int32)  # j <= i + T holds for every key slot j < T
+    np.testing.assert_allclose(o, oracle(q, k, v, q_seg, kv_seg, everything), rtol=TOL, atol=TOL)
+    causal = oracle(q, k, v, q_seg, kv_seg, np.zeros(b, np.int32))
+    assert np.max(np.abs(np.asarray(o) - causal)) > 0.1  # the later keys count
+    for got, want in zip(grads, oracle_grads(q, k, v, q_seg, kv_seg, everything, do)):
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
 def test_query_offset_and_rows_that_see_nothing(rng):
     b, t, s, h, n, d = 2, 13, 40, 4, 4, 8
     q, k, v, do = _inputs(rng, b, t, s, h, n, d)
@@ -299,3 +321,5 @@ def test_bad_inputs_name_what_is_wrong(rng):
                           kv_segment_ids=jnp.zeros((1, 9), jnp.int32))
     with pytest.raises(ValueError, match="unknown impl"):
         softmax_attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="causal=False takes none"):
+        softmax_attention(q, k, v, q_offset=jnp.zeros((1,), jnp.int32), causal=False)

@@ -1,7 +1,9 @@
 """The CLIP-style vision tower of MiniMax-VL-01 (spec minimax-vl-01 §3): a convolutional patch
 embedding without bias, a class token, learned positions, `pre_layrnorm`, then pre-LN encoder
-layers (bias everywhere, exact GELU), scanned over stacked parameters. There is no
-post-layernorm: the features are the hidden states of `vision_feature_layer` without the CLS token.
+layers (bias everywhere, exact GELU, bidirectional attention through the softmax op: cuDNN's
+fused kernel on Hopper, the blockwise XLA form elsewhere), scanned over stacked parameters. There
+is no post-layernorm: the features are the hidden states of `vision_feature_layer` without the CLS
+token.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.params import param
+from pallas_kernels import softmax_attention
 from minimax_jax.vision.config import VisionConfig
 
 
@@ -62,9 +65,7 @@ class EncoderLayer(nnx.Module):
         q = jnp.einsum("nsd,dhk->nshk", h, w(self.query)) + w(self.query_bias)
         k = jnp.einsum("nsd,dhk->nshk", h, w(self.key)) + w(self.key_bias)
         v = jnp.einsum("nsd,dhk->nshk", h, w(self.value)) + w(self.value_bias)
-        scores = jnp.einsum("nshk,nthk->nhst", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1).astype(dt)
-        o = jnp.einsum("nhst,nthk->nshk", probs, v)
+        o = softmax_attention(q, k, v, causal=False)
         x = x + jnp.einsum("nshk,hkd->nsd", o, w(self.out)) + w(self.out_bias)
         h = jnp.einsum("nsd,df->nsf", self.layer_norm2(x), w(self.fc1)) + w(self.fc1_bias)
         h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(dt)
