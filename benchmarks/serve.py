@@ -21,6 +21,8 @@ request generates exactly --new-tokens). Per batch size b, b requests arrive at 
   head (ignores rotary_dim), a negligible difference in work.
 --quantize int8 | fp8: the engine's model with its expert and attention weights quantized
 (`quant.quantize_model`; the bytes read per step count them at their stored size).
+--profile DIR: after each batch size's timed round, one more round traced (kernels by name, their
+time and count, device time against wall time).
 --prefix-ttft N: instead, TTFT of one request whose prompt is an N-token shared prefix and 16
 tokens of its own, on an engine with the prefix cache on: cold (the prefix not cached) and
 cached (a second request with the same prefix and other 16 tokens), medians of --repeats
@@ -41,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.trace import no_command_buffers, profile, render  # noqa: E402
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, quant  # noqa: E402
 from minimax_jax.cache import init_cache  # noqa: E402
 from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
@@ -121,7 +124,10 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
 
 
 def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, decode_steps, bandwidth,
-                 seed=0) -> dict:
+                 seed=0, profile_dir: str | None = None) -> dict:
+    """Per batch size: TTFT, decode tokens/s, the step against its bandwidth floor (module
+    docstring); profile_dir: then a trace of one more round there (`benchmarks/trace.py`, its
+    events named by their kernels), its summary in the batch's "profile"."""
     rng = np.random.default_rng(seed)
     results = {}
     for b in batches:
@@ -133,6 +139,11 @@ def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, de
         engine_round(engine, prompts, 2)  # compile
         compile_s = time.perf_counter() - t0
         results[b] = {**engine_round(engine, prompts, new_tokens), "compile_s": compile_s}
+        if profile_dir:
+            results[b]["profile"] = profile(lambda: engine_round(engine, prompts, new_tokens), "",
+                                            os.path.join(profile_dir, f"round_b{b}"), 1, ())
+            print(f"engine b={b}, one round of {b} x {new_tokens} tokens traced:\n"
+                  + "\n".join(render(results[b]["profile"], f"b={b}, one round")), flush=True)
         engine.stop()
         moved = decode_step_bytes(model, b, prompt_len + new_tokens // 2)
         step_ms = 1e3 * b / results[b]["decode_tokens_per_s"]
@@ -261,10 +272,14 @@ def main() -> None:
     p.add_argument("--prefix-ttft", type=int, default=0,
                    help="instead: TTFT of a prompt with this many shared prefix tokens, cold and cached")
     p.add_argument("--repeats", type=int, default=3, help="prefixes timed by --prefix-ttft")
+    p.add_argument("--profile", metavar="DIR", help="trace one more round per batch size into DIR (the run's "
+                   "XLA command buffers off, all timings without them)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.hf and args.quantize:
         p.error("--hf times transformers on the bf16 weights: run it without --quantize")
+    if args.profile:  # read when the backend starts, below
+        os.environ.update(no_command_buffers(dict(os.environ)))
 
     import jax
 
@@ -289,7 +304,8 @@ def main() -> None:
                "quantize": args.quantize, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode_steps": args.decode_steps,
                "bandwidth_bytes_per_s": bandwidth,
                "engine": bench_engine(model, args.batches, args.prompt_len, args.new_tokens,
-                                      args.prefill_chunk, args.prefill_rows, args.decode_steps, bandwidth)}
+                                      args.prefill_chunk, args.prefill_rows, args.decode_steps, bandwidth,
+                                      profile_dir=args.profile)}
     if args.hf:
         results["hf"] = bench_hf(model, args.batches, args.prompt_len, args.new_tokens)
     print(json.dumps(results, indent=2))

@@ -62,6 +62,8 @@ from benchmarks.long_context import PREFILL_OVERRIDES  # noqa: E402
 from benchmarks.serve import NoEosTokenizer  # noqa: E402
 from benchmarks.softmax_attention import rel_err  # noqa: E402
 from benchmarks.step_timing import median_time, peak_gib  # noqa: E402
+from benchmarks.trace import no_command_buffers, profile  # noqa: E402
+from benchmarks.trace import render as render_profile  # noqa: E402
 from minimax_jax import MiniMaxConfig  # noqa: E402
 from minimax_jax.hf_names import REMOTE  # noqa: E402
 from minimax_jax.serving.chat import ChatTemplate  # noqa: E402
@@ -82,6 +84,8 @@ TINY_OVERRIDES = ["hidden_size=64", "vision.hidden_size=32", "vision.intermediat
                   "vision.image_grid_pinpoints=" + json.dumps([[w // 12, h // 12] for w, h in PINPOINTS_VL_01])]
 TINY_TEXT = "configs/tiny.yaml"
 SMALL_TEXT = "configs/small.yaml"
+TOWER_FILES = ((r"pallas_kernels/softmax[^/]*\.py$", "attention"), (r"minimax_jax/vision/vit\.py$", "tower"),
+               (r"minimax_jax/vision/projector\.py$", "projector"))  # layer kinds of a profile
 
 
 def log(message: str) -> None:
@@ -146,9 +150,10 @@ def torch_vision_path(cfg: MiniMaxVLConfig, tensors: dict[str, np.ndarray], dtyp
 
 
 def tower_rows(cfg: MiniMaxVLConfig, batches: list[int], dtype: str, warmup: int, repeats: int,
-               emit: Callable[[dict], None]) -> None:
+               emit: Callable[[dict], None], profile_dir: str | None = None) -> None:
     """Time our vision tower + projector against torch's at each batch of crops (see the module
-    docstring); `emit` gets each row."""
+    docstring); `emit` gets each row. profile_dir: also trace ours at each batch there
+    (`benchmarks/trace.py`), the summary in the row's "profile"."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,11 +200,16 @@ def tower_rows(cfg: MiniMaxVLConfig, batches: list[int], dtype: str, warmup: int
             for _ in range(warmup):
                 run_torch()
             torch_s = median_time(run_torch, repeats)
-        emit({"kind": "tower", "batch": b, "dtype": dtype, "ours_images_per_s": b / ours_s,
-              "torch_images_per_s": b / torch_s, "ratio": torch_s / ours_s, "ours_ms": 1e3 * ours_s,
-              "torch_ms": 1e3 * torch_s, "compile_s": compile_s,
-              "max_rel_diff": rel_err(ours_out, jnp.asarray(torch_out.float().cpu().numpy())),
-              "features": list(ours_out.shape), "torch_attention": attention, "torch_device": device})
+        row = {"kind": "tower", "batch": b, "dtype": dtype, "ours_images_per_s": b / ours_s,
+               "torch_images_per_s": b / torch_s, "ratio": torch_s / ours_s, "ours_ms": 1e3 * ours_s,
+               "torch_ms": 1e3 * torch_s, "compile_s": compile_s,
+               "max_rel_diff": rel_err(ours_out, jnp.asarray(torch_out.float().cpu().numpy())),
+               "features": list(ours_out.shape), "torch_attention": attention, "torch_device": device}
+        if profile_dir:
+            log(f"{b} crops: tracing ours")
+            hlo = features.lower(tower_params, projector_params, ours_in).compile().as_text()
+            row["profile"] = profile(run_ours, hlo, os.path.join(profile_dir, f"tower_{b}"), 3, TOWER_FILES)
+        emit(row)
 
 
 def image_request(cfg: MiniMaxVLConfig, url: str, tokenizer: NoEosTokenizer) -> tuple[list[int], ImageInput, dict]:
@@ -292,6 +302,8 @@ def markdown(rows: list[dict]) -> str:
         sections.append("\n".join([head] + [
             f"| {r['run']} | {r['image_decode_s']:.3f} | {r['preprocess_s']:.3f} | {r['vision_s']:.3f} "
             f"| {r['prefill_s']:.3f} | {r['other_s']:.3f} | {r['ttft_s']:.3f} | {r['total_s']:.3f} |" for r in ttft]))
+    sections += ["\n".join(render_profile(r["profile"], f"Ours at {r['batch']} crops"))
+                 for r in tower if "profile" in r]
     return "\n\n".join(sections)
 
 
@@ -308,8 +320,12 @@ def main() -> None:
                    help=f"KEY=value of {VL_01} (vision.KEY: the tower, both parts; KEY: the projector's width)")
     p.add_argument("--text-override", nargs="*", default=[], help="KEY=value of the TTFT rows' text model")
     p.add_argument("--tiny", action="store_true", help="tiny widths for a CPU smoke test")
+    p.add_argument("--profile", metavar="DIR", help="trace our tower at each batch into DIR (the run's XLA "
+                   "command buffers off: every kernel attributed to its op, all timings without them)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.profile:  # read when the backend starts, below
+        os.environ.update(no_command_buffers(dict(os.environ)))
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave torch half of the GPU
     import torch
     import transformers
@@ -334,7 +350,7 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",") if b]
     if batches:
-        tower_rows(cfg, batches, args.dtype, args.warmup, args.repeats, emit)
+        tower_rows(cfg, batches, args.dtype, args.warmup, args.repeats, emit, args.profile)
     if args.image:
         width, height = (int(x) for x in args.image.lower().split("x"))
         ttft_rows(ttft_cfg, width, height, args.prefill_chunk, emit)
