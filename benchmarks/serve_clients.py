@@ -47,7 +47,8 @@ def ttft(url: str, prompt: list[int]) -> float:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
     start = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"a {len(prompt)}-token prompt got {r.status_code}: {r.read().decode()}")
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 return time.perf_counter() - start
@@ -128,15 +129,21 @@ def main() -> None:
         model, tokenizer, source = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), ByteTokenizer(), f"{args.config} (random weights)"
     print(f"serving {source} on {jax.devices()[0].device_kind}; building the engine and compiling its steps",
           flush=True)
-    served = build(model, tokenizer, model_name=MODEL, max_context=max(2048, 2 * max(lengths)),
-                   decode_steps=8, prefix_cache_slots=32)
+    max_context = min(max(2048, 2 * max(lengths)), model.config.max_position_embeddings)
+    fitted = [min(n, max_context - 3) for n in lengths]  # room for the BOS and the 2 tokens generated
+    for n, m in zip(lengths, fitted):
+        if m != n:
+            print(f"a {n}-token prompt is timed as {m} tokens: the model's max_position_embeddings is "
+                  f"{model.config.max_position_embeddings}", flush=True)
+    served = build(model, tokenizer, model_name=MODEL, max_context=max_context, decode_steps=8,
+                   prefix_cache_slots=32)
     server = BackgroundServer(served.app)
     try:
         vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         print("time to first token:", flush=True)
         result = {"model": source, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                   "date": time.strftime("%Y-%m-%d"),
-                  "ttft_s": time_to_first_token(served, server.url, lengths, args.repeats, rng, vocab)}
+                  "ttft_s": time_to_first_token(served, server.url, fitted, args.repeats, rng, vocab)}
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save(Path(d))
             print("lm-eval loglikelihood throughput (a first run compiles the scoring prefills):", flush=True)
