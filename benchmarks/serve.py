@@ -7,7 +7,8 @@ the same for Hugging Face transformers' `generate` on the same weights (exported
     python benchmarks/serve.py --config configs/small.yaml --prefix-ttft 4096   # prefix cache: cold / cached
     python benchmarks/serve.py --config configs/small.yaml --quantize int8      # int8 expert/attention weights
 
-Random weights (the speed does not depend on them), random prompt ids, greedy, no EOS (every
+Random weights in the config's compute dtype, as `load_model` gives them to the server (the speed
+does not depend on their values), random prompt ids, greedy, no EOS (every
 request generates exactly --new-tokens). Per batch size b, b requests arrive at once:
 - engine TTFT: mean and max over requests of (first token - submission), one engine of b slots;
 - engine decode tokens/s: tokens produced after the last request's first token, over that time;
@@ -284,6 +285,7 @@ def main() -> None:
     import jax
 
     cfg = MiniMaxConfig.from_yaml(args.config, args.override)
+    cfg = cfg.replace(param_dtype=cfg.dtype)  # as served: load_model keeps the weights in the compute dtype
     model = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0))
     if args.quantize:
         quant.quantize_model(model, args.quantize)

@@ -5,8 +5,8 @@ first token of 5-, 256- and 4,096-token prompts, with the prefill length buckets
     python benchmarks/serve_clients.py                    # the main job's model (runs/tiny/model)
     python benchmarks/serve_clients.py --config configs/small.yaml --dtype bfloat16    # on a GPU
 
-The model is `--checkpoint` when it exists, else a model of `--config` with random weights (the
-speed does not depend on the weights). The server is `serve.py`'s (same defaults: 8 slots, prefill
+The model is `--checkpoint` when it exists, else a model of `--config` with random weights in
+--dtype, as `load_model` would hold them (the speed does not depend on their values). The server is `serve.py`'s (same defaults: 8 slots, prefill
 chunk 256 of 4 rows, decode 8 tokens per dispatch, prefix cache on), served over HTTP on this host.
 TTFT is measured by a streaming `/v1/completions` request of token ids (distinct random prompts, so
 the prefix cache never hits), from sending the request to its first streamed token; medians of
@@ -125,7 +125,7 @@ def main() -> None:
     if args.checkpoint.exists():
         model, tokenizer, source = load_model(args.checkpoint, dtype=args.dtype), load_tokenizer(args.checkpoint), str(args.checkpoint)
     else:
-        cfg = MiniMaxConfig.from_yaml(ROOT / args.config).replace(dtype=args.dtype)
+        cfg = MiniMaxConfig.from_yaml(ROOT / args.config).replace(dtype=args.dtype, param_dtype=args.dtype)
         model, tokenizer, source = MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(0)), ByteTokenizer(), f"{args.config} (random weights)"
     print(f"serving {source} on {jax.devices()[0].device_kind}; building the engine and compiling its steps",
           flush=True)

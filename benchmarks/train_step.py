@@ -51,6 +51,7 @@ FILE prints the tables of a finished run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -137,7 +138,8 @@ def train_row(row: str, overrides: list[str], steps: int, profile_dir: str | Non
     if profile_dir:
         out = os.path.join(profile_dir, row)
         log(row, f"compiled in {info['compile_s']:.1f} s; tracing {profile_steps} steps into {out}")
-        result["profile"] = profile(lambda: step.run(1), step.compiled.as_text(), out, profile_steps, LAYER_FILES)
+        result["profile"] = profile(functools.partial(step.run, 1), step.compiled.as_text(), out, profile_steps,
+                                    LAYER_FILES)
         return result
     log(row, f"compiled in {info['compile_s']:.1f} s; timing {steps} steps")
     result.update(measure_step(step, mcfg, steps))

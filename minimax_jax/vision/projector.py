@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minimax_jax.params import param
-from minimax_jax.vision.vit import zeros
+from minimax_jax.vision.vit import gelu, zeros
 
 
 class Projector(nnx.Module):
@@ -25,5 +25,5 @@ class Projector(nnx.Module):
         """x `[..., Dv]` in the compute dtype -> `[..., Dt]` in the same dtype."""
         dt = x.dtype
         h = jnp.einsum("...v,vd->...d", x, self.linear_1[...].astype(dt)) + self.linear_1_bias[...].astype(dt)
-        h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(dt)
+        h = gelu(h.astype(jnp.float32)).astype(dt)
         return jnp.einsum("...d,de->...e", h, self.linear_2[...].astype(dt)) + self.linear_2_bias[...].astype(dt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from minimax_jax.params import param
@@ -37,6 +38,13 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, elementwise in x's dtype: CLIP's formula. XLA
+    computes erf as one polynomial; `jax.nn.gelu`'s erfc adds an exponential and a second
+    polynomial for its tail."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 class EncoderLayer(nnx.Module):
@@ -68,7 +76,7 @@ class EncoderLayer(nnx.Module):
         o = softmax_attention(q, k, v, causal=False)
         x = x + jnp.einsum("nshk,hkd->nsd", o, w(self.out)) + w(self.out_bias)
         h = jnp.einsum("nsd,df->nsf", self.layer_norm2(x), w(self.fc1)) + w(self.fc1_bias)
-        h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(dt)
+        h = gelu(h.astype(jnp.float32)).astype(dt)
         return x + jnp.einsum("nsf,fd->nsd", h, w(self.fc2)) + w(self.fc2_bias)
 
 
