@@ -22,8 +22,9 @@ request generates exactly --new-tokens). Per batch size b, b requests arrive at 
   head (ignores rotary_dim), a negligible difference in work.
 --quantize int8 | fp8: the engine's model with its expert and attention weights quantized
 (`quant.quantize_model`; the bytes read per step count them at their stored size).
---profile DIR: after each batch size's timed round, one more round traced (kernels by name, their
-time and count, device time against wall time).
+--profile DIR: after each batch size's timed round, one more round traced: the decode loop's ops
+(by layer kind, op class and source line, from its HLO dumped into DIR/hlo) and the other
+programs' kernels by name, their time and count, device time against wall time.
 --prefix-ttft N: instead, TTFT of one request whose prompt is an N-token shared prefix and 16
 tokens of its own, on an engine with the prefix cache on: cold (the prefix not cached) and
 cached (a second request with the same prefix and other 16 tokens), medians of --repeats
@@ -33,6 +34,7 @@ distinct prefixes, after one warm-up pair that compiles every prefill bucket the
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -44,11 +46,14 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.trace import no_command_buffers, profile, render  # noqa: E402
+from benchmarks.trace import MODEL_LAYER_FILES, no_command_buffers, profile, render  # noqa: E402
 from minimax_jax import MiniMaxConfig, MiniMaxForCausalLM, quant  # noqa: E402
 from minimax_jax.cache import init_cache  # noqa: E402
 from minimax_jax.serving.engine import Engine, Output, SamplingParams  # noqa: E402
 from minimax_jax.tokenizer import ByteTokenizer  # noqa: E402
+
+
+DECODE_MODULE = "jit_decode_loop"  # the engine's multi-token decode program (serving/steps.py)
 
 
 class NoEosTokenizer(ByteTokenizer):
@@ -140,9 +145,11 @@ def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, de
         engine_round(engine, prompts, 2)  # compile
         compile_s = time.perf_counter() - t0
         results[b] = {**engine_round(engine, prompts, new_tokens), "compile_s": compile_s}
-        if profile_dir:
-            results[b]["profile"] = profile(lambda: engine_round(engine, prompts, new_tokens), "",
-                                            os.path.join(profile_dir, f"round_b{b}"), 1, ())
+        if profile_dir:  # the decode loop's HLO, dumped by XLA when this batch size compiled it
+            dumps = glob.glob(os.path.join(profile_dir, "hlo", f"*{DECODE_MODULE}*after_optimizations.txt"))
+            hlo = open(max(dumps, key=os.path.getmtime)).read() if dumps else ""
+            results[b]["profile"] = profile(lambda: engine_round(engine, prompts, new_tokens), hlo,
+                                            os.path.join(profile_dir, f"round_b{b}"), 1, MODEL_LAYER_FILES)
             print(f"engine b={b}, one round of {b} x {new_tokens} tokens traced:\n"
                   + "\n".join(render(results[b]["profile"], f"b={b}, one round")), flush=True)
         engine.stop()
@@ -280,7 +287,10 @@ def main() -> None:
     if args.hf and args.quantize:
         p.error("--hf times transformers on the bf16 weights: run it without --quantize")
     if args.profile:  # read when the backend starts, below
-        os.environ.update(no_command_buffers(dict(os.environ)))
+        env = no_command_buffers(dict(os.environ))
+        dump = (f"--xla_dump_to={os.path.join(args.profile, 'hlo')} --xla_dump_hlo_as_text "
+                f"--xla_dump_hlo_module_re={DECODE_MODULE}")
+        os.environ.update(env, XLA_FLAGS=f"{env['XLA_FLAGS']} {dump}")
 
     import jax
 

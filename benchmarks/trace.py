@@ -19,10 +19,7 @@ import glob
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:
-    from jax.profiler import ProfileEvent
+from typing import Any, Callable
 
 OP_CLASSES = ("matmul", "fusion", "custom call", "collective", "copy", "other")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -33,6 +30,14 @@ DATA_MOVEMENT = {"copy", "copy-start", "copy-done", "dynamic-slice", "dynamic-up
 TOP_OPS = 10
 NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
 LayerFiles = tuple[tuple[str, str], ...]  # (regular expression over a source path, layer kind)
+MODEL_LAYER_FILES = (  # the text model's source files -> the layer kind of the ops they make
+    (r"(^|/)lightning[^/]*\.py$|pallas_kernels/chunked\.py$", "lightning"),
+    (r"minimax_jax/attention\.py$|(^|/)softmax[^/]*\.py$", "softmax"),
+    (r"minimax_jax/moe\.py$|grouped_matmul[^/]*\.py$|sharding/experts\.py$", "moe"),
+    (r"minimax_jax/loss\.py$", "loss"),
+    (r"minimax_jax/training/step\.py$|^optax/", "optimizer"),
+    (r"minimax_jax/(decoder|model)\.py$", "rest"),
+)
 
 
 def no_command_buffers(env: dict[str, str]) -> dict[str, str]:
@@ -170,14 +175,15 @@ def _kernel_class(name: str) -> str:
     return "other"
 
 
-def traced_op_seconds(xplane_path: str,
-                      ops: dict[str, dict[str, str]]) -> tuple[dict[str, float], dict[str, int], str]:
+def traced_op_seconds(xplane_path: str, ops: dict[str, dict[str, str]],
+                      module: str = "") -> tuple[dict[str, float], dict[str, int], str]:
     """Seconds and event counts per HLO op in a trace (an .xplane.pb), and where they came from.
 
     On a GPU (or TPU) plane: the kernels of each op, named by their `hlo_op` stat, or else by the
     kernel's name where it is an op's name with "." and "-" written "_" (XLA names a fusion's
-    kernel so); other events (a memcpy, a library's kernel launched without its op's annotation)
-    by their own name. Without a device
+    kernel so); other events (a memcpy, a library's kernel launched without its op's annotation,
+    with `module` the kernels of other HLO modules, by their `hlo_module` stat) by their own
+    name. Without a device
     plane (a CPU): the host events that name an HLO op of `ops` (by `hlo_op` stat or by name),
     each counted for its self time (an op's events nested in another's on the same thread, a
     loop's body, are taken out of the outer one)."""
@@ -195,8 +201,12 @@ def traced_op_seconds(xplane_path: str,
             xla_ops = [line for line in lines if line.name == "XLA Ops"]  # TPU planes have it
             for line in xla_ops or [line for line in lines if line.name.startswith("Stream")]:
                 for event in line.events:
-                    hlo_op = _hlo_op(event)
-                    name = hlo_op if hlo_op in ops else by_kernel_name.get(event.name, event.name)
+                    stats = dict(event.stats)
+                    if module and stats.get("hlo_module", module) != module:
+                        name = event.name
+                    else:
+                        hlo_op = stats.get("hlo_op")
+                        name = hlo_op if hlo_op in ops else by_kernel_name.get(event.name, event.name)
                     seconds[name] += event.duration_ns * 1e-9
                     counts[name] += 1
         return seconds, counts, "device kernels on " + ", ".join(p.name for p in device)
@@ -204,7 +214,7 @@ def traced_op_seconds(xplane_path: str,
         for line in plane.lines:
             events = []
             for event in line.events:
-                name = _hlo_op(event) or event.name
+                name = dict(event.stats).get("hlo_op") or event.name
                 if name in ops:
                     events.append((event.start_ns, event.duration_ns, name))
             events.sort(key=lambda e: (e[0], -e[1]))
@@ -220,17 +230,12 @@ def traced_op_seconds(xplane_path: str,
     return seconds, counts, "host events (no device plane)"
 
 
-def _hlo_op(event: ProfileEvent) -> str | None:
-    """The `hlo_op` stat of a trace event (a `jax.profiler.ProfileEvent`), or None."""
-    return next((value for key, value in event.stats if key == "hlo_op"), None)
-
-
 
 def profile(run: Callable[[], Any], hlo_text: str, out_dir: str, runs: int,
             layer_files: LayerFiles) -> dict[str, Any]:
     """Trace `runs` calls of `run` (each blocking until its results are ready) into out_dir, with
-    the program's optimized HLO `hlo_text` beside it (out_dir/program.hlo.txt; "": `run` runs
-    several programs, its events are named by their kernels), and summarize: {"trace_dir",
+    the program's optimized HLO `hlo_text` beside it (out_dir/program.hlo.txt; the kernels of
+    other programs `run` runs are named by their kernel names; "": all are), and summarize: {"trace_dir",
     "source" (what the times were read from), "command_buffers" (whether XLA_FLAGS left them on:
     then kernels go unattributed), "ms_per_run" (the ops' time summed), "events_per_run" (kernels
     on a GPU), "wall_ms_per_run", "kinds" (ms per run by layer kind, then op class), "top_ops"
@@ -250,7 +255,8 @@ def profile(run: Callable[[], Any], hlo_text: str, out_dir: str, runs: int,
     if not paths:
         raise FileNotFoundError(f"the profiler wrote no .xplane.pb under {out_dir}")
     ops = hlo_ops(hlo_text, layer_files) if hlo_text else {}
-    seconds, counts, source = traced_op_seconds(paths[-1], ops)
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+    seconds, counts, source = traced_op_seconds(paths[-1], ops, module.group(1) if module else "")
     ms = {name: 1e3 * s / runs for name, s in seconds.items()}
     info = {name: ops.get(name) or {"opcode": "", "class": _kernel_class(name), "kind": "rest", "source": ""}
             for name in ms}

@@ -62,6 +62,7 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.trace import MODEL_LAYER_FILES  # noqa: E402
 from benchmarks.trace import render as render_profile  # noqa: E402
 
 CONFIG = "configs/small.yaml"
@@ -77,14 +78,6 @@ ROWS = {
 ROWS["small-lora"] = [*ROWS["small"], "lora.rank=16"]  # adapters on the attention projections
 ROWS["small-lora-all"] = [*ROWS["small"], "lora.rank=16", "lora.targets=[attention, experts, router]",
                           "lora.quantize=int8"]  # every target, on an int8 base
-LAYER_FILES = (  # source files -> the layer kind of the ops they make (benchmarks/trace.py)
-    (r"(^|/)lightning[^/]*\.py$|pallas_kernels/chunked\.py$", "lightning"),
-    (r"minimax_jax/attention\.py$|(^|/)softmax[^/]*\.py$", "softmax"),
-    (r"minimax_jax/moe\.py$|grouped_matmul[^/]*\.py$|sharding/experts\.py$", "moe"),
-    (r"minimax_jax/loss\.py$", "loss"),
-    (r"minimax_jax/training/step\.py$|^optax/", "optimizer"),
-    (r"minimax_jax/(decoder|model)\.py$", "rest"),
-)
 
 
 def log(row: str, msg: str) -> None:
@@ -139,7 +132,7 @@ def train_row(row: str, overrides: list[str], steps: int, profile_dir: str | Non
         out = os.path.join(profile_dir, row)
         log(row, f"compiled in {info['compile_s']:.1f} s; tracing {profile_steps} steps into {out}")
         result["profile"] = profile(functools.partial(step.run, 1), step.compiled.as_text(), out, profile_steps,
-                                    LAYER_FILES)
+                                    MODEL_LAYER_FILES)
         return result
     log(row, f"compiled in {info['compile_s']:.1f} s; timing {steps} steps")
     result.update(measure_step(step, mcfg, steps))
