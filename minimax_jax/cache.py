@@ -63,13 +63,30 @@ class PagedKV:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class BlockCache:
-    """One scanned block's slice of the cache: lightning_state float32 `[n_linear, B, H, K, K]`,
-    key and value pages `[n_full, P, Z, N, K]`, page_table int32 `[B, R]`."""
+    """One scanned block's part of the cache: lightning_state float32 `[n_linear, B, H, K, K]`
+    (this block's), key and value `[num_blocks, n_full, P, Z, N, K]` (the whole pool: a layer
+    reads and writes its own pages in place, so no block's pages are copied out and back),
+    page_table int32 `[B, R]`, block int32 `[]` (this block's index)."""
 
     lightning_state: jax.Array
     key: jax.Array
     value: jax.Array
     page_table: jax.Array
+    block: jax.Array
+
+    def pages(self, j: int) -> PagedKV:
+        """The view of this block's full-attention layer j: the pool as `[L * P, Z, N, K]` (L =
+        num_blocks * n_full layers), the page table shifted to that layer's P pages (NO_PAGE
+        stays)."""
+        nb, nf, p = self.key.shape[:3]
+        offset = (self.block * nf + j) * p
+        table = jnp.where(self.page_table == NO_PAGE, NO_PAGE, self.page_table + offset)
+        flat = lambda pool: pool.reshape(nb * nf * p, *pool.shape[3:])  # noqa: E731
+        return PagedKV(flat(self.key), flat(self.value), table)
+
+    def with_pages(self, kv: PagedKV) -> BlockCache:
+        """This block cache with the pool written through a view from `pages`."""
+        return dataclasses.replace(self, key=kv.key.reshape(self.key.shape), value=kv.value.reshape(self.value.shape))
 
 
 def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int, *,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -102,13 +104,12 @@ class DecoderBlock(nnx.Module):
         """Run the block's layers in order: h `[B, T, D]`, slopes float32 `[P, H]` (one row per
         layer of the block). Returns (h, the updated block cache or None, router stats stacked
         over the P layers)."""
-        states, keys, values, stats = [], [], [], []
+        states, stats, n_full = [], [], 0
         for i, layer in enumerate(self.layers):
             if layer.layer_type == LINEAR:
                 view = None if cache is None else cache.lightning_state[len(states)]
             else:
-                view = None if cache is None else PagedKV(
-                    cache.key[len(keys)], cache.value[len(keys)], cache.page_table)
+                view = None if cache is None else cache.pages(n_full)
             graphdef, params = nnx.split(layer)
             h, params = grads_in_order(h, params)
             h, view, layer_stats = nnx.merge(graphdef, params)(h, layout, view, slopes=slopes[i])
@@ -116,11 +117,10 @@ class DecoderBlock(nnx.Module):
             if layer.layer_type == LINEAR:
                 states.append(view)
             else:
-                keys.append(None if view is None else view.key)
-                values.append(None if view is None else view.value)
+                n_full += 1
+                cache = None if cache is None else cache.with_pages(view)
         new_cache = None
         if cache is not None:
-            stack = lambda xs, old: jnp.stack(xs) if xs else old
-            new_cache = BlockCache(stack(states, cache.lightning_state), stack(keys, cache.key),
-                                   stack(values, cache.value), cache.page_table)
+            new_cache = dataclasses.replace(
+                cache, lightning_state=jnp.stack(states) if states else cache.lightning_state)
         return h, new_cache, jax.tree.map(lambda *x: jnp.stack(x), *stats)

@@ -116,20 +116,22 @@ class MiniMaxForCausalLM(nnx.Module):
         slopes = jnp.asarray(cfg.slopes()).reshape(cfg.num_blocks, len(cfg.block_pattern), -1)
         graphdef, block_params = nnx.split(self.blocks)
 
-        def body(h, xs):
-            params, block_slopes, state, key, value = xs
-            block_cache = None if cache is None else BlockCache(state, key, value, cache.page_table)
+        def body(carry, xs):
+            h, key, value = carry
+            params, block_slopes, state, block = xs
+            block_cache = None if cache is None else BlockCache(state, key, value, cache.page_table, block)
             h, block_cache, stats = nnx.merge(graphdef, params)(h, layout, block_cache,
                                                                slopes=block_slopes)
             h = constrain_tokens(h)
             if block_cache is None:
-                return h, (None, None, None, stats)
-            return h, (block_cache.lightning_state, block_cache.key, block_cache.value, stats)
+                return (h, None, None), (None, stats)
+            return (h, block_cache.key, block_cache.value), (block_cache.lightning_state, stats)
 
-        xs = (block_params, slopes, *(
-            (None, None, None) if cache is None else (cache.lightning_state, cache.key, cache.value)
-        ))
-        h, (state, key, value, stats) = jax.lax.scan(body, constrain_tokens(h), xs)
+        # the K/V pool rides in the carry, written in place; the lightning states are scanned
+        pools = (None, None) if cache is None else (cache.key, cache.value)
+        xs = (block_params, slopes, None if cache is None else cache.lightning_state,
+              jnp.arange(cfg.num_blocks, dtype=jnp.int32))
+        (h, key, value), (state, stats) = jax.lax.scan(body, (constrain_tokens(h), *pools), xs)
         new_cache = None
         if cache is not None:
             real = h.shape[1] if layout.valid is None else jnp.sum(layout.valid, axis=1, dtype=jnp.int32)
