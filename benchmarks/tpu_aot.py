@@ -166,7 +166,7 @@ def lower_prefill(cfg: MiniMaxConfig, mesh: Mesh, rules: Mapping[str, Any], rows
                   context: int, page_size: int) -> jax.stages.Lowered:
     """The serving engine's prefill step: one chunk of `chunk` tokens for each of `rows` slots of
     up to `context` tokens, lowered for `mesh` (params in the compute dtype)."""
-    from minimax_jax.serving.sampling import SamplingBatch
+    from minimax_jax.serving.sampling import ROW_DTYPES, SamplingBatch
     from minimax_jax.serving.steps import Steps
 
     graphdef, params = abstract_params(cfg, mesh, rules, dtype=cfg.dtype)
@@ -184,9 +184,7 @@ def lower_prefill(cfg: MiniMaxConfig, mesh: Mesh, rules: Mapping[str, Any], rows
     slot_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), slot_state)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
     tokens = jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=NamedSharding(mesh, P(None, "sequence")))
-    dtypes = (jnp.uint32, jnp.int32, jnp.float32, jnp.float32, jnp.int32, jnp.int32, jnp.float32,
-              jnp.float32, jnp.float32)
-    sampling = SamplingBatch(*(spec((rows,), d) for d in dtypes))
+    sampling = SamplingBatch(*(spec((rows,), d) for d in ROW_DTYPES))
     with jax.set_mesh(mesh):
         return built["steps"]._prefill.lower(params, cache, slot_state, spec((rows,), jnp.int32), tokens, tokens,
                                              spec((rows,), jnp.bool_), sampling, None)

@@ -154,10 +154,14 @@ def test_sample_rows_keeps_each_rows_top_k_and_top_p():
     for seed in range(20):
         tokens = np.asarray(sample(logits, SamplingBatch.of([SamplingRow(seed, r, 1.0, 1.0, 3) for r in range(4)])).token)
         assert all(tokens[r] in top3[r] for r in range(4))
-    out = sample(logits, SamplingBatch.of([SamplingRow(s, 0, 1.0, 1e-6, 0) for s in range(4)]))
+    out = sample(logits, SamplingBatch.of([SamplingRow(s, 0, 1.0, 1e-6, 0, top_logprobs=2) for s in range(4)]))
     np.testing.assert_array_equal(out.token, np.argmax(logits, axis=-1))
     np.testing.assert_allclose(out.logprob, np.max(jax.nn.log_softmax(logits), axis=-1), rtol=1e-6)
     np.testing.assert_array_equal(out.top_ids[:, 0], out.token)
+    # no row asks for alternatives: the vocabulary-wide top_k is skipped
+    unasked = sample(logits, SamplingBatch.of([SamplingRow(s, 0, 1.0, 1e-6, 0) for s in range(4)]))
+    np.testing.assert_array_equal(unasked.token, out.token)
+    assert not np.any(unasked.top_ids) and not np.any(unasked.top_logprobs)
 
 
 def test_logprobs_are_reported_when_asked(engine):

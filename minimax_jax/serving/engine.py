@@ -229,7 +229,7 @@ class _Request:
     def sampling_row(self) -> SamplingRow:
         p = self.params
         return SamplingRow(self.seed, len(self.generated), p.temperature, p.top_p, p.top_k, p.min_tokens,
-                           p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+                           p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.logprobs or 0)
 
 
 class Engine:

@@ -29,6 +29,10 @@ SCORE_BLOCK = 32  # prompt positions whose logits exist at once when scoring a p
 NEG = float(np.finfo(np.float32).min)
 
 
+ROW_DTYPES = (np.uint32, np.int32, np.float32, np.float32, np.int32, np.int32, np.float32, np.float32,
+              np.float32, np.int32)  # SamplingBatch's `[B]` fields, in SamplingRow's order
+
+
 class SamplingRow(NamedTuple):
     """One row's settings for one step (host side); the defaults are an idle, greedy row."""
 
@@ -41,6 +45,7 @@ class SamplingRow(NamedTuple):
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
 
 @jax.tree_util.register_dataclass
@@ -49,7 +54,8 @@ class SamplingBatch:
     """Sampling settings of B rows: seed uint32 `[B]`, step int32 `[B]` (tokens sampled so far;
     the row's key is fold_in(key(seed), step)), temperature float32 `[B]` (0 = greedy), top_p
     float32 `[B]` (1 = off), top_k int32 `[B]` (0 = off), min_tokens int32 `[B]`, and the
-    float32 `[B]` repetition (1 = off), presence and frequency (0 = off) penalties; allowed bool
+    float32 `[B]` repetition (1 = off), presence and frequency (0 = off) penalties, top_logprobs
+    int32 `[B]` (the alternatives a row returns; 0 = none); allowed bool
     `[B, V]` (the tokens each row may sample: constrained decoding) or None (every token; a
     step without it compiles apart, so unconstrained batches never carry a mask)."""
 
@@ -62,15 +68,14 @@ class SamplingBatch:
     repetition_penalty: jax.Array
     presence_penalty: jax.Array
     frequency_penalty: jax.Array
+    top_logprobs: jax.Array
     allowed: jax.Array | None = None
 
     @staticmethod
     def of(rows: list[SamplingRow], allowed: np.ndarray | None = None) -> "SamplingBatch":
         """From host rows (and the bool `[B, V]` allowed mask, or None) -> numpy arrays."""
         columns = zip(*rows)
-        dtypes = (np.uint32, np.int32, np.float32, np.float32, np.int32, np.int32, np.float32,
-                  np.float32, np.float32)
-        return SamplingBatch(*(np.asarray(c, d) for c, d in zip(columns, dtypes)), allowed)
+        return SamplingBatch(*(np.asarray(c, d) for c, d in zip(columns, ROW_DTYPES)), allowed)
 
 
 @jax.tree_util.register_dataclass
@@ -139,8 +144,9 @@ def process_logits(logits: jax.Array, params: SamplingBatch, state: SlotState) -
 @dataclasses.dataclass
 class Sampled:
     """What one step returns per row: token int32 `[B]`, its logprob float32 `[B]`, and the
-    TOP_LOGPROBS most likely tokens: top_ids int32 `[B, L]`, top_logprobs float32 `[B, L]`.
-    Logprobs are those of the model's distribution (log_softmax of the raw logits)."""
+    TOP_LOGPROBS most likely tokens: top_ids int32 `[B, L]`, top_logprobs float32 `[B, L]` (in
+    a decode step only when some row asks for alternatives; zeros otherwise). Logprobs are those
+    of the model's distribution (log_softmax of the raw logits)."""
 
     token: jax.Array
     logprob: jax.Array
@@ -162,7 +168,11 @@ def sample_rows(logits: jax.Array, params: SamplingBatch, state: SlotState) -> S
     # the sort behind top_p / top_k runs only when some row samples
     token = jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda: greedy)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
+    top = min(TOP_LOGPROBS, logits.shape[-1])
+    none = lambda: (jnp.zeros((logits.shape[0], top), jnp.float32), jnp.zeros((logits.shape[0], top), jnp.int32))  # noqa: E731
+    # the vocabulary-wide top_k (a sort on a GPU) runs only when some row returns alternatives
+    top_logprobs, top_ids = jax.lax.cond(jnp.any(params.top_logprobs > 0),
+                                         lambda: tuple(jax.lax.top_k(logprobs, top)), none)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     return Sampled(token, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
