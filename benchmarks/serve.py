@@ -132,8 +132,9 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 10) -> float:
 def bench_engine(model, batches, prompt_len, new_tokens, chunk, prefill_rows, decode_steps, bandwidth,
                  seed=0, profile_dir: str | None = None) -> dict:
     """Per batch size: TTFT, decode tokens/s, the step against its bandwidth floor (module
-    docstring); profile_dir: then a trace of one more round there (`benchmarks/trace.py`, its
-    events named by their kernels), its summary in the batch's "profile"."""
+    docstring); profile_dir: then a trace of one more round there (`benchmarks/trace.py`: the
+    decode loop's ops attributed from the HLO XLA dumped into profile_dir/hlo, other programs'
+    kernels by name), its summary in the batch's "profile"."""
     rng = np.random.default_rng(seed)
     results = {}
     for b in batches:
@@ -287,10 +288,8 @@ def main() -> None:
     if args.hf and args.quantize:
         p.error("--hf times transformers on the bf16 weights: run it without --quantize")
     if args.profile:  # read when the backend starts, below
-        env = no_command_buffers(dict(os.environ))
-        dump = (f"--xla_dump_to={os.path.join(args.profile, 'hlo')} --xla_dump_hlo_as_text "
-                f"--xla_dump_hlo_module_re={DECODE_MODULE}")
-        os.environ.update(env, XLA_FLAGS=f"{env['XLA_FLAGS']} {dump}")
+        os.environ.update(no_command_buffers(os.environ, f"--xla_dump_to={os.path.join(args.profile, 'hlo')}",
+                                             "--xla_dump_hlo_as_text", f"--xla_dump_hlo_module_re={DECODE_MODULE}"))
 
     import jax
 

@@ -6,14 +6,15 @@ first token of 5-, 256- and 4,096-token prompts, with the prefill length buckets
     python benchmarks/serve_clients.py --config configs/small.yaml --dtype bfloat16    # on a GPU
 
 The model is `--checkpoint` when it exists, else a model of `--config` with random weights in
---dtype, as `load_model` would hold them (the speed does not depend on their values). The server is `serve.py`'s (same defaults: 8 slots, prefill
-chunk 256 of 4 rows, decode 8 tokens per dispatch, prefix cache on), served over HTTP on this host.
-TTFT is measured by a streaming `/v1/completions` request of token ids (distinct random prompts, so
-the prefix cache never hits), from sending the request to its first streamed token; medians of
-`--repeats`. The lm-eval run is `local-completions` over a generated multiple-choice task of
-`--questions` questions of 4 choices each (4 loglikelihood requests per question), run twice: the
-first run pays for compiling the prefill that scores prompts (once per length bucket it meets),
-the second is the throughput quoted.
+--dtype, as `load_model` would hold them (the speed does not depend on their values). The
+server is `serve.py`'s (same defaults: 8 slots, prefill chunk 256 of 4 rows, decode 8 tokens
+per dispatch, prefix cache on), served over HTTP on this host. TTFT is measured by a streaming
+`/v1/completions` request of token ids (distinct random prompts, so the prefix cache never hits),
+from sending the request to its first streamed token; medians of `--repeats`. The lm-eval run is
+`local-completions` over a generated multiple-choice task of `--questions` questions of 4
+choices each (4 loglikelihood requests per question), run twice: the first run pays for
+compiling the prefill that scores prompts (once per length bucket it meets), the second is the
+throughput quoted.
 """
 
 from __future__ import annotations

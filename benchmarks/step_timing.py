@@ -180,9 +180,9 @@ def layer_split(mcfg: MiniMaxConfig, segment_ids: np.ndarray, step_s: float, rep
 def run_child(script: str, args: list[str], result_path: str, timeout: float,
               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python script *args` in a fresh process (its own device memory: an out-of-memory error
-    ends only it; its stdout and stderr go to ours; `env`: its environment, None: ours) and return the JSON dict it left at
-    `result_path`, or what it saved before failing with "error" (its exit status or timeout and
-    the last lines of its stderr) added."""
+    ends only it; its stdout and stderr go to ours; `env`: its environment, None: ours) and
+    return the JSON dict it left at `result_path`, or what it saved before failing with "error"
+    (its exit status or timeout and the last lines of its stderr) added."""
     proc = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE, text=True, env=env)
     tail: collections.deque[str] = collections.deque(maxlen=3)
 

@@ -19,7 +19,7 @@ import glob
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 OP_CLASSES = ("matmul", "fusion", "custom call", "collective", "copy", "other")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -40,9 +40,10 @@ MODEL_LAYER_FILES = (  # the text model's source files -> the layer kind of the 
 )
 
 
-def no_command_buffers(env: dict[str, str]) -> dict[str, str]:
-    """A copy of the environment `env` whose XLA_FLAGS turn XLA's GPU command buffers off."""
-    return {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {NO_COMMAND_BUFFERS}".strip()}
+def no_command_buffers(env: Mapping[str, str], *flags: str) -> dict[str, str]:
+    """A copy of the environment `env` whose XLA_FLAGS turn XLA's GPU command buffers off and
+    carry `flags` (more XLA flags) too."""
+    return {**env, "XLA_FLAGS": " ".join([env.get("XLA_FLAGS", ""), NO_COMMAND_BUFFERS, *flags]).strip()}
 
 
 def hlo_ops(hlo_text: str, layer_files: LayerFiles) -> dict[str, dict[str, str]]:

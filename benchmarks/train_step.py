@@ -206,7 +206,7 @@ def main() -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
         import jax
 
-        path = os.path.join(args.out, f"train_step_{args.child}.json")
+        path = os.path.join(args.out, f"train_step_{args.child}{'_profile' if args.profile else ''}.json")
         header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         log(args.child, f"{header['device']}, jax {header['jax']}")
@@ -241,9 +241,9 @@ def main() -> None:
         results.append({"row": row, **run_child(os.path.abspath(__file__), child_args, result_path, left)})
         left = deadline - time.time()
         if args.profile and left >= 30:  # a process of its own, without command buffers
-            os.remove(result_path)
             traced = run_child(os.path.abspath(__file__), [*child_args, "--profile", os.path.abspath(args.profile)],
-                               result_path, left, env=no_command_buffers(dict(os.environ)))
+                               os.path.join(rows_dir, f"train_step_{row}_profile.json"), left,
+                               env=no_command_buffers(os.environ))
             results[-1]["profile"] = traced.get("profile") or {"error": traced.get("error", "no profile")}
         print(json.dumps(results[-1]), flush=True)
         with open(os.path.join(args.out, "train_step.json"), "w") as f:

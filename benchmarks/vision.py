@@ -325,7 +325,7 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.profile:  # read when the backend starts, below
-        os.environ.update(no_command_buffers(dict(os.environ)))
+        os.environ.update(no_command_buffers(os.environ))
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave torch half of the GPU
     import torch
     import transformers

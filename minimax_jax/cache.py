@@ -86,7 +86,8 @@ class BlockCache:
 
     def with_pages(self, kv: PagedKV) -> BlockCache:
         """This block cache with the pool written through a view from `pages`."""
-        return dataclasses.replace(self, key=kv.key.reshape(self.key.shape), value=kv.value.reshape(self.value.shape))
+        return dataclasses.replace(self, key=kv.key.reshape(self.key.shape),
+                                   value=kv.value.reshape(self.value.shape))
 
 
 def init_cache(cfg: MiniMaxConfig, batch_size: int, max_length: int, *,

@@ -168,11 +168,11 @@ def sample_rows(logits: jax.Array, params: SamplingBatch, state: SlotState) -> S
     # the sort behind top_p / top_k runs only when some row samples
     token = jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda: greedy)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top = min(TOP_LOGPROBS, logits.shape[-1])
-    none = lambda: (jnp.zeros((logits.shape[0], top), jnp.float32), jnp.zeros((logits.shape[0], top), jnp.int32))  # noqa: E731
+    shape = (logits.shape[0], min(TOP_LOGPROBS, logits.shape[-1]))
+    none = lambda: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32))  # noqa: E731
     # the vocabulary-wide top_k (a sort on a GPU) runs only when some row returns alternatives
     top_logprobs, top_ids = jax.lax.cond(jnp.any(params.top_logprobs > 0),
-                                         lambda: tuple(jax.lax.top_k(logprobs, top)), none)
+                                         lambda: tuple(jax.lax.top_k(logprobs, shape[1])), none)
     chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     return Sampled(token, chosen, top_ids.astype(jnp.int32), top_logprobs)
 
