@@ -184,6 +184,11 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def row_result_path(out: str, row: str, profiled: bool) -> str:
+    """Where a row's child process leaves its JSON result: the profiled run has a file of its own."""
+    return os.path.join(out, f"train_step_{row}{'_profile' if profiled else ''}.json")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
@@ -206,7 +211,7 @@ def main() -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
         import jax
 
-        path = os.path.join(args.out, f"train_step_{args.child}{'_profile' if args.profile else ''}.json")
+        path = row_result_path(args.out, args.child, bool(args.profile))
         header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         log(args.child, f"{header['device']}, jax {header['jax']}")
@@ -237,12 +242,12 @@ def main() -> None:
             continue
         child_args = ["--child", row, "--out", rows_dir, "--steps", str(args.steps),
                       "--profile-steps", str(args.profile_steps), "--override", *args.override]
-        result_path = os.path.join(rows_dir, f"train_step_{row}.json")
-        results.append({"row": row, **run_child(os.path.abspath(__file__), child_args, result_path, left)})
+        results.append({"row": row, **run_child(os.path.abspath(__file__), child_args,
+                                                row_result_path(rows_dir, row, False), left)})
         left = deadline - time.time()
         if args.profile and left >= 30:  # a process of its own, without command buffers
             traced = run_child(os.path.abspath(__file__), [*child_args, "--profile", os.path.abspath(args.profile)],
-                               os.path.join(rows_dir, f"train_step_{row}_profile.json"), left,
+                               row_result_path(rows_dir, row, True), left,
                                env=no_command_buffers(os.environ))
             results[-1]["profile"] = traced.get("profile") or {"error": traced.get("error", "no profile")}
         print(json.dumps(results[-1]), flush=True)
